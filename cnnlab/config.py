@@ -1,0 +1,182 @@
+"""Run configuration: dataclasses with defaults, validated once where they enter.
+
+A `TrainConfig` comes from defaults, then an optional YAML file, then command
+line flags, in that order; `validate()` runs once on the result, and the code
+below it receives typed values only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnlab.errors import CnnlabError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+ENGINES = ("autograd", "manual")
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and its learning-rate schedule."""
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "onecycle"
+    step_size: int = 5  # epochs between decays, for the step schedule
+    gamma: float = 0.1  # decay factor, for the step schedule
+    warmup_fraction: float = 0.25  # share of steps spent warming up, for one-cycle
+    grad_clip: float = 0.0  # max global gradient norm; 0 turns clipping off
+
+    def validate(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise CnnlabError(f"unknown optimizer '{self.name}': choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise CnnlabError(f"unknown schedule '{self.schedule}': choose one of {', '.join(SCHEDULES)}")
+        if not self.lr > 0:
+            raise CnnlabError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise CnnlabError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.nesterov and self.name == "sgd" and self.momentum == 0:
+            raise CnnlabError("--nesterov needs a momentum above 0: set --momentum or --no-nesterov")
+        if self.weight_decay < 0:
+            raise CnnlabError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise CnnlabError(f"Adam betas must be in [0, 1), got {self.betas}")
+        if self.step_size < 1 or not 0 < self.gamma <= 1:
+            raise CnnlabError("the step schedule needs --step-size >= 1 and 0 < --gamma <= 1")
+        if not 0 < self.warmup_fraction < 1:
+            raise CnnlabError(f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}")
+        if self.grad_clip < 0:
+            raise CnnlabError(f"--grad-clip must be >= 0 (0 turns it off), got {self.grad_clip}")
+
+
+@dataclass
+class AugmentConfig:
+    """Batched data augmentation applied to training batches (all off by default)."""
+
+    crop_padding: int = 0  # random crop after zero-padding by this many pixels
+    flip: bool = False  # random horizontal flip
+    rotate: float = 0.0  # max rotation in degrees
+    translate: float = 0.0  # max shift as a fraction of the image size
+    scale: float = 0.0  # max relative zoom in or out
+    erase: float = 0.0  # probability of erasing one random rectangle (cutout)
+
+    def enabled(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.rotate or self.translate or self.scale or self.erase)
+
+    def validate(self) -> None:
+        if self.crop_padding < 0:
+            raise CnnlabError(f"crop padding must be >= 0, got {self.crop_padding}")
+        if not 0 <= self.rotate <= 180:
+            raise CnnlabError(f"rotation must be in [0, 180] degrees, got {self.rotate}")
+        if not 0 <= self.translate < 1 or not 0 <= self.scale < 1:
+            raise CnnlabError("translate and scale must be fractions in [0, 1)")
+        if not 0 <= self.erase <= 1:
+            raise CnnlabError(f"erase probability must be in [0, 1], got {self.erase}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved as config.yaml in the run directory."""
+
+    model: str = "lenet5"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    val_fraction: float = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    engine: str = "autograd"
+    name: str | None = None  # run directory name; derived from model, dataset and time when None
+    runs_dir: str = "runs"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise CnnlabError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise CnnlabError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0 <= self.label_smoothing < 1:
+            raise CnnlabError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.engine not in ENGINES:
+            raise CnnlabError(f"unknown engine '{self.engine}': choose one of {', '.join(ENGINES)}")
+        if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
+            raise CnnlabError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps")
+        if not 0 <= self.val_fraction < 1:
+            raise CnnlabError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        self.optim.validate()
+        self.augment.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["optim"]["betas"] = list(self.optim.betas)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], origin: str = "config") -> TrainConfig:
+        """Build from a (possibly partial) nested dict, rejecting unknown keys by name."""
+        data = dict(data)
+        optim = _dataclass_from(OptimConfig, data.pop("optim", {}) or {}, f"{origin}: optim")
+        augment = _dataclass_from(AugmentConfig, data.pop("augment", {}) or {}, f"{origin}: augment")
+        config = _dataclass_from(cls, data, origin)
+        config.optim, config.augment = optim, augment
+        return config
+
+
+def load_yaml_config(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise CnnlabError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise CnnlabError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise CnnlabError(f"{path} must hold a mapping of option names to values")
+    return data
+
+
+def _dataclass_from(cls: type, data: Any, origin: str):
+    if not isinstance(data, dict):
+        raise CnnlabError(f"{origin} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise CnnlabError(f"{origin}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    values = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        values[name] = _coerce(value, default, f"{origin}: {name}")
+    return cls(**values)
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Check a YAML value against the type of the field's default."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, (int, float)) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(default, int) and not isinstance(default, bool) and float(value) != int(value):
+            raise CnnlabError(f"{where} must be a whole number, got {value}")
+        return type(default)(value)
+    elif isinstance(default, str) and isinstance(value, str):
+        return value
+    elif isinstance(default, tuple) and isinstance(value, (list, tuple)) and len(value) == len(default):
+        return tuple(float(v) for v in value)
+    raise CnnlabError(f"{where} must be a {type(default).__name__}, got {value!r}")

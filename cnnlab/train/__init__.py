@@ -1,0 +1,1 @@
+"""The training engine: the loop, optimizers and schedules, checkpoints, the run directory."""
