@@ -1,0 +1,251 @@
+"""The command line: parses arguments, calls the package, renders results and errors.
+
+Every user mistake surfaces as a `CnnlabError`, printed here as one line
+(`cnnlab: error: ...`) with exit status 2. Nothing in the package imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from cnnlab import __version__
+from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, TrainConfig, load_yaml_config
+from cnnlab.errors import CnnlabError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other cnnlab error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CnnlabError(f"{message} (see `{self.prog} --help`)")
+
+
+# Train flags and where each lands in TrainConfig ("optim.lr" is config.optim.lr).
+_TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {"help": "model name (see `cnnlab models`); default lenet5"}),
+    ("--dataset", "dataset", {"help": "dataset name or folder:PATH (see `cnnlab datasets`); default digits"}),
+    ("--data-dir", "data_dir", {"help": "folder holding dataset sub-folders (else $CNNLAB_DATA)"}),
+    ("--epochs", "epochs", {"type": int}),
+    ("--batch-size", "batch_size", {"type": int}),
+    ("--lr", "optim.lr", {"type": float, "help": "peak learning rate"}),
+    ("--optimizer", "optim.name", {"choices": OPTIMIZERS}),
+    ("--momentum", "optim.momentum", {"type": float}),
+    ("--nesterov", "optim.nesterov", {"action": argparse.BooleanOptionalAction}),
+    ("--weight-decay", "optim.weight_decay", {"type": float}),
+    ("--schedule", "optim.schedule", {"choices": SCHEDULES}),
+    ("--step-size", "optim.step_size", {"type": int, "help": "epochs between decays (step schedule)"}),
+    ("--gamma", "optim.gamma", {"type": float, "help": "decay factor (step schedule)"}),
+    ("--grad-clip", "optim.grad_clip", {"type": float, "help": "max gradient norm; 0 = off"}),
+    ("--label-smoothing", "label_smoothing", {"type": float}),
+    ("--val-fraction", "val_fraction", {"type": float}),
+    ("--seed", "seed", {"type": int}),
+    ("--device", "device", {"help": "auto, cpu, cuda, cuda:N or mps"}),
+    ("--engine", "engine", {"choices": ENGINES, "help": "autograd (PyTorch) or manual (cnnlab's own backprop)"}),
+    ("--name", "name", {"help": "run directory name under --runs-dir"}),
+    ("--runs-dir", "runs_dir", {}),
+    ("--crop-padding", "augment.crop_padding", {"type": int, "help": "augment: random crop after padding"}),
+    ("--flip", "augment.flip", {"action": argparse.BooleanOptionalAction, "help": "augment: horizontal flips"}),
+    ("--rotate", "augment.rotate", {"type": float, "help": "augment: max rotation, degrees"}),
+    ("--translate", "augment.translate", {"type": float, "help": "augment: max shift, fraction of size"}),
+    ("--scale", "augment.scale", {"type": float, "help": "augment: max zoom, fraction"}),
+    ("--erase", "augment.erase", {"type": float, "help": "augment: probability of random erasing"}),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cnnlab", description="Train, inspect and ship convolutional image classifiers.")
+    parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train a model into a run directory")
+    train.add_argument("--config", type=Path, help="YAML file of options; flags override it")
+    for flag, dest, options in _TRAIN_FLAGS:
+        train.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
+    train.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this directory")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    train.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="test a trained model: loss, accuracy, per-class figures")
+    evaluate.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT")
+    evaluate.add_argument("--dataset", help="dataset to test on (default: the one it was trained on)")
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(handler=_evaluate)
+
+    predict = commands.add_parser("predict", help="classify image files")
+    predict.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT")
+    predict.add_argument("images", type=Path, nargs="+", metavar="IMAGE")
+    predict.add_argument("--top-k", type=int, default=3)
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(handler=_predict)
+
+    models = commands.add_parser("models", help="list the registered models")
+    models.add_argument("--input", default="1x28x28", help="input shape CxHxW for the parameter counts")
+    models.set_defaults(handler=_models)
+
+    datasets = commands.add_parser("datasets", help="list datasets: where each was found, or how to get it")
+    datasets.add_argument("--data-dir")
+    datasets.set_defaults(handler=_datasets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.handler(args) or 0
+    except CnnlabError as exc:
+        print(f"cnnlab: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("cnnlab: interrupted; finished epochs are saved (continue with `cnnlab train --resume RUN`)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cnnlab.train.checkpoint import load_checkpoint
+    from cnnlab.train.loop import fit
+    from cnnlab.train.progress import Progress
+    from cnnlab.train.rundir import RunDirectory
+
+    progress = Progress(stream=sys.stderr if args.json else sys.stdout)
+    if args.resume is not None:
+        run = RunDirectory.open(args.resume)
+        checkpoint = load_checkpoint(run.checkpoints / "last.pt")
+        config = TrainConfig.from_dict(checkpoint.config or {}, origin=str(run.path))
+        given = {dest for _, dest, _ in _TRAIN_FLAGS if hasattr(args, dest)}
+        if given - {"epochs", "device"}:
+            raise CnnlabError("--resume continues a run with its saved options; only --epochs and --device may change")
+        _apply_flags(config, args)
+        config.validate()
+        if config.epochs <= checkpoint.epoch:
+            raise CnnlabError(f"{run.path} already has {checkpoint.epoch} epochs: pass --epochs N with N > {checkpoint.epoch}")
+        result = fit(config, run, progress, resume=checkpoint)
+    else:
+        config = TrainConfig.from_dict(load_yaml_config(args.config), origin=str(args.config)) if args.config else TrainConfig()
+        _apply_flags(config, args)
+        config.validate()
+        name = config.name or f"{config.model}-{config.dataset.replace(':', '_').replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
+        run = RunDirectory.create(Path(config.runs_dir) / name, overwrite=args.overwrite)
+        result = fit(config, run, progress)
+
+    test = result.test.evaluation
+    if args.json:
+        _print_json({"run_dir": str(result.run_dir), "test_accuracy": test.accuracy, "test_loss": test.loss, "epochs": result.rows})
+    else:
+        print(f"test loss {test.loss:.4f}  test accuracy {100 * test.accuracy:.2f}%")
+        print(f"run saved in {result.run_dir}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from cnnlab.data.sources import get_source
+    from cnnlab.train.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from cnnlab.train.evaluate import report
+
+    path = resolve_checkpoint_path(args.checkpoint)
+    checkpoint = load_checkpoint(path)
+    dataset_name = args.dataset or checkpoint.dataset
+    _, test_split = get_source(dataset_name).load(Path(args.data_dir) if args.data_dir else None)
+    if test_split.image_shape != checkpoint.in_shape or test_split.classes != checkpoint.classes:
+        raise CnnlabError(
+            f"the model in {path} takes {checkpoint.in_shape} images of {len(checkpoint.classes)} classes, "
+            f"but '{dataset_name}' has {test_split.image_shape} images of {len(test_split.classes)} classes: "
+            "evaluate it on the dataset it was trained for"
+        )
+    result = report(checkpoint.build_model(), test_split, checkpoint.normalization)
+    if args.json:
+        _print_json({"checkpoint": str(path), "run_dir": str(_run_dir_of(path)), "dataset": dataset_name,
+                     "test_accuracy": result.evaluation.accuracy, "test_loss": result.evaluation.loss,
+                     **{k: v for k, v in result.to_dict().items() if k not in ("loss", "accuracy")}})  # fmt: skip
+        return 0
+    print(f"{path} on {dataset_name} test ({len(test_split)} images)")
+    print(f"loss {result.evaluation.loss:.4f}  accuracy {100 * result.evaluation.accuracy:.2f}%")
+    width = max(len(c) for c in checkpoint.classes)
+    print(f"{'class':<{width}}  precision  recall     f1  support")
+    for c in result.per_class:
+        print(f"{c.name:<{width}}  {c.precision:9.4f} {c.recall:7.4f} {c.f1:6.4f} {c.support:8d}")
+    print("confusion matrix (rows true, columns predicted):")
+    for row in result.confusion.tolist():
+        print(" ".join(f"{v:5d}" for v in row))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from cnnlab.predict import Predictor
+
+    if args.top_k < 1:
+        raise CnnlabError(f"--top-k must be at least 1, got {args.top_k}")
+    predictor = Predictor.load(args.checkpoint)
+    predictions = predictor.predict_files(args.images, args.top_k)
+    if args.json:
+        _print_json({"predictions": [{"image": str(p), **pred.to_dict()} for p, pred in zip(args.images, predictions)]})
+        return 0
+    for path, prediction in zip(args.images, predictions):
+        ranked = ", ".join(f"{c} {100 * p:.1f}%" for c, p in zip(prediction.classes, prediction.probabilities))
+        print(f"{path}: {ranked}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from cnnlab.models import all_models, count_parameters, create_model
+
+    in_shape = _parse_shape(args.input)
+    print(f"{'model':<14} {'parameters':>10}  (input {args.input}, 10 classes)")
+    for spec in sorted(all_models(), key=lambda s: s.name):
+        try:
+            count = f"{count_parameters(create_model(spec.name, in_shape, 10)):,}"
+        except CnnlabError:
+            count = "too small"
+        print(f"{spec.name:<14} {count:>10}  {spec.description}")
+    return 0
+
+
+def _datasets(args: argparse.Namespace) -> int:
+    from cnnlab.data.sources import all_sources
+
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    for source in all_sources():
+        if not source.files:
+            where = "built in"
+        else:
+            folder = source.find(data_dir)
+            where = f"found in {folder}" if folder else f"not found: {source.how_to_get}"
+        print(f"{source.name:<14} {source.description}\n{'':<14} {where}")
+    return 0
+
+
+def _apply_flags(config: TrainConfig, args: argparse.Namespace) -> None:
+    for _, dest, _ in _TRAIN_FLAGS:
+        if hasattr(args, dest):
+            target, _, field = dest.rpartition(".")
+            setattr(getattr(config, target) if target else config, field, getattr(args, dest))
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        channels, height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise CnnlabError(f"--input must look like 1x28x28 (channels x height x width), got '{text}'") from None
+    return channels, height, width
+
+
+def _run_dir_of(checkpoint_path: Path) -> Path:
+    return checkpoint_path.parent.parent if checkpoint_path.parent.name == "checkpoints" else checkpoint_path.parent
+
+
+def _print_json(data: dict) -> None:
+    print(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Evaluation: loss, accuracy and predictions of a model on one split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.data.dataset import ImageDataset, Normalization
+from cnnlab.train.metrics import ClassReport, confusion_matrix, per_class_report
+
+EVAL_BATCH_SIZE = 1024  # no gradients are kept, so large batches cost little memory and save overhead
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """loss: mean cross-entropy; predictions: (N,) int64 on the CPU."""
+
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: ImageDataset, normalization: Normalization) -> Evaluation:
+    """Run `model` over `data` (already on the model's device) in eval mode.
+
+    The model's mode is restored afterwards, so this can sit inside a training loop.
+    """
+    if len(data) == 0:
+        return Evaluation(float("nan"), float("nan"), torch.empty(0, dtype=torch.int64))
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), dtype=torch.float64, device=data.images.device)
+    predictions = []
+    for start in range(0, len(data), EVAL_BATCH_SIZE):
+        images = data.images[start : start + EVAL_BATCH_SIZE]  # (B, C, H, W) uint8
+        labels = data.labels[start : start + EVAL_BATCH_SIZE]  # (B,) int64
+        logits = model(normalization.apply(images))  # (B, K)
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").to(torch.float64)
+        predictions.append(logits.argmax(dim=1))
+    model.train(was_training)
+    predicted = torch.cat(predictions).cpu()
+    accuracy = (predicted == data.labels.cpu()).to(torch.float64).mean().item()
+    return Evaluation(total_loss.item() / len(data), accuracy, predicted)
+
+
+@dataclass(frozen=True)
+class Report:
+    """An evaluation with its confusion matrix ((K, K) int64, rows true) and per-class figures."""
+
+    evaluation: Evaluation
+    confusion: torch.Tensor
+    per_class: list[ClassReport]
+
+    def to_dict(self) -> dict:
+        return {
+            "loss": self.evaluation.loss,
+            "accuracy": self.evaluation.accuracy,
+            "per_class": [vars(c) for c in self.per_class],
+            "confusion_matrix": self.confusion.tolist(),
+        }
+
+
+def report(model: nn.Module, data: ImageDataset, normalization: Normalization) -> Report:
+    evaluation = evaluate(model, data, normalization)
+    confusion = confusion_matrix(data.labels.cpu(), evaluation.predictions, len(data.classes))
+    return Report(evaluation, confusion, per_class_report(confusion, data.classes))
