@@ -79,8 +79,9 @@ def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Chec
         start_epoch, step = resume.epoch, resume.step
         rows = [r for r in run.read_metrics() if r["epoch"] <= start_epoch]
         best_accuracy = max((r["val_accuracy"] for r in rows), default=-1.0)
-    else:
-        run.write_config(config.to_dict())
+    run.prepare()
+    # Rewritten on resume too: --epochs may have grown, and config.yaml must describe the whole run.
+    run.write_config(config.to_dict())
 
     steps_per_epoch = -(-len(train_data) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs

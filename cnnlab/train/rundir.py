@@ -38,9 +38,16 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
+        self._fresh = False
 
     @classmethod
     def create(cls, path: Path, overwrite: bool) -> RunDirectory:
+        """A new run at `path`; checked now, made on disk only by `prepare()`.
+
+        Deferring the folder until the data and model have loaded means a run
+        that fails on bad input leaves nothing behind, and an --overwrite run
+        that fails early keeps the run it would have replaced.
+        """
         path = Path(path)
         if path.exists():
             if not overwrite:
@@ -50,9 +57,18 @@ class RunDirectory:
                 )
             if not (path / "config.yaml").is_file() and any(path.iterdir()):
                 raise CnnlabError(f"{path} exists and is not a cnnlab run directory; --overwrite only replaces runs")
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        return cls(path)
+        run = cls(path)
+        run._fresh = True
+        return run
+
+    def prepare(self) -> None:
+        """Make a new run's folder, replacing an old run there; nothing to do for a resumed run."""
+        if not self._fresh:
+            return
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        self._fresh = False
 
     @classmethod
     def open(cls, path: Path) -> RunDirectory:
