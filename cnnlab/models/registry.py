@@ -1,7 +1,7 @@
 """Models register themselves by name; adding a model is adding a file.
 
 Every model is built from (in_shape, num_classes) and is an `nn.Sequential` of
-standard layers (plus cnnlab's residual block). Keeping to that set is what lets
+standard torch layers. Keeping to that set is what lets
 the hand-written engine in `cnnlab.backprop` rebuild any registered model layer
 for layer, with the same state_dict keys.
 """
