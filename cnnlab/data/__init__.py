@@ -1,0 +1,1 @@
+"""Datasets: readers for each format, the in-memory container, batches."""

@@ -1,0 +1,162 @@
+"""Where each named dataset comes from: the registry behind `--dataset NAME`.
+
+A source knows how to find its files and read them into (train, test)
+`ImageDataset`s. Datasets that live on disk are looked for, in order, in
+`--data-dir`, `$CNNLAB_DATA`, `~/.cache/cnnlab/data`, and the system dataset
+folder (`/usr/share/datasets`, where Debian's dataset packages put them), each
+in a sub-folder named after the dataset.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cnnlab.data.dataset import DatasetSplits, ImageDataset, Normalization, split_validation
+from cnnlab.data.digits import load_digits_splits
+from cnnlab.data.idx import read_idx_pair
+from cnnlab.errors import CnnlabError
+
+SYSTEM_DATA_DIR = Path("/usr/share/datasets")
+
+
+def data_roots(data_dir: Path | None) -> list[Path]:
+    """The folders searched for dataset sub-folders, first match wins."""
+    if data_dir is not None:
+        roots = [Path(data_dir)]
+    elif os.environ.get("CNNLAB_DATA"):
+        roots = [Path(os.environ["CNNLAB_DATA"])]
+    else:
+        roots = [Path.home() / ".cache" / "cnnlab" / "data"]
+    return roots + [SYSTEM_DATA_DIR]
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A named dataset.
+
+    files:   file names that must all be present in the dataset's folder (empty
+             for datasets that need none)
+    read:    folder -> (train, test); the folder is None when `files` is empty
+    how_to_get: one sentence for users who do not have the files
+    """
+
+    name: str
+    description: str
+    files: tuple[str, ...]
+    read: Callable[[Path | None], tuple[ImageDataset, ImageDataset]]
+    how_to_get: str = ""
+
+    def find(self, data_dir: Path | None) -> Path | None:
+        """The first folder holding all of `files` (a `.gz` or raw copy of each), or None."""
+        for root in data_roots(data_dir):
+            folder = root / self.name
+            if all(_find_file(folder, f) is not None for f in self.files):
+                return folder
+        return None
+
+    def load(self, data_dir: Path | None) -> tuple[ImageDataset, ImageDataset]:
+        if not self.files:
+            return self.read(None)
+        folder = self.find(data_dir)
+        if folder is None:
+            searched = ", ".join(str(r / self.name) for r in data_roots(data_dir))
+            raise CnnlabError(f"dataset '{self.name}' not found (looked in {searched}): {self.how_to_get}")
+        return self.read(folder)
+
+
+_SOURCES: dict[str, DatasetSource] = {}
+
+
+def register_source(source: DatasetSource) -> DatasetSource:
+    _SOURCES[source.name] = source
+    return source
+
+
+def all_sources() -> list[DatasetSource]:
+    return list(_SOURCES.values())
+
+
+def get_source(name: str) -> DatasetSource:
+    if name not in _SOURCES:
+        known = ", ".join(sorted(_SOURCES))
+        raise CnnlabError(f"unknown dataset '{name}': choose one of {known}")
+    return _SOURCES[name]
+
+
+def load_splits(name: str, data_dir: Path | None, val_fraction: float, seed: int) -> DatasetSplits:
+    """Read dataset `name` and carve the validation split from its training part."""
+    train, test = get_source(name).load(data_dir)
+    if train.image_shape != test.image_shape:
+        raise CnnlabError(f"dataset '{name}': train images are {train.image_shape} but test images {test.image_shape}")
+    train, val = split_validation(train, val_fraction, seed)
+    return DatasetSplits(name, train, val, test)
+
+
+def normalization_for(splits: DatasetSplits) -> Normalization:
+    """Statistics of the training split only: the test set never informs training."""
+    return Normalization.of(splits.train.images)
+
+
+def _find_file(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _idx_reader(classes: tuple[str, ...]) -> Callable[[Path | None], tuple[ImageDataset, ImageDataset]]:
+    def read(folder: Path | None) -> tuple[ImageDataset, ImageDataset]:
+        assert folder is not None
+        splits = []
+        for prefix in ("train", "t10k"):
+            images, labels = read_idx_pair(
+                _find_file(folder, f"{prefix}-images-idx3-ubyte"), _find_file(folder, f"{prefix}-labels-idx1-ubyte")
+            )
+            splits.append(ImageDataset(images, labels, classes))
+        return splits[0], splits[1]
+
+    return read
+
+
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+FASHION_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+register_source(
+    DatasetSource(
+        "digits",
+        "scikit-learn's 8x8 handwritten digits, upscaled to 28x28 (1,438 train / 359 test); built in",
+        (),
+        lambda _folder: load_digits_splits(),
+    )
+)
+register_source(
+    DatasetSource(
+        "mnist",
+        "handwritten digits, 28x28 grey (60,000 train / 10,000 test)",
+        IDX_FILES,
+        _idx_reader(tuple(str(d) for d in range(10))),
+        "put the four IDX files (.gz or raw) in a folder named 'mnist' under --data-dir",
+    )
+)
+register_source(
+    DatasetSource(
+        "fashion-mnist",
+        "Zalando's clothing images, 28x28 grey (60,000 train / 10,000 test)",
+        IDX_FILES,
+        _idx_reader(FASHION_CLASSES),
+        "install Debian's package (apt-get install dataset-fashion-mnist) or put the four IDX files "
+        "in a folder named 'fashion-mnist' under --data-dir",
+    )
+)
