@@ -101,6 +101,7 @@ class TrainConfig:
     engine: str = "autograd"
     name: str | None = None  # run directory name; derived from model, dataset and time when None
     runs_dir: str = "runs"
+    strict_data: bool = False  # an unreadable image in a folder: dataset is an error, not a skipped file
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

@@ -9,9 +9,11 @@ Files may be gzip-compressed; the reader decides by the gzip magic, not the name
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -39,7 +41,9 @@ def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     if len(raw) < header_end:
         raise CnnlabError(f"{path} is truncated inside its header: download it again")
     shape = struct.unpack(f">{ndim}I", raw[4:header_end])
-    count = int(np.prod(shape, dtype=np.int64))
+    # Python's exact integers: np.prod in int64 wraps, and a header of 2**31 x 2**31 x 4
+    # would claim 0 bytes and slip past the checks below.
+    count = math.prod(shape)
     if count > MAX_IDX_BYTES:
         raise CnnlabError(f"{path} claims {count} bytes of data (shape {shape}), more than cnnlab accepts: the header is corrupt")
     if len(raw) - header_end != count:
@@ -62,15 +66,24 @@ def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, t
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
 
-def _read_bytes(path: Path) -> bytes:
+def _read_bytes(path: Path) -> bytes | bytearray:
     try:
         with open(path, "rb") as f:
             head = f.read(2)
             f.seek(0)
             if head != _GZIP_MAGIC:
-                return f.read(MAX_IDX_BYTES + 1024)
+                return _read_at_most(f, MAX_IDX_BYTES + 1024)
             with gzip.GzipFile(fileobj=f) as unzipped:
                 # Read at most the limit plus a header: a gzip bomb stops here.
-                return unzipped.read(MAX_IDX_BYTES + 1024)
+                return _read_at_most(unzipped, MAX_IDX_BYTES + 1024)
     except (OSError, EOFError, zlib.error) as exc:
         raise CnnlabError(f"cannot read {path}: {exc}; download the file again") from None
+
+
+def _read_at_most(stream: BinaryIO, limit: int) -> bytearray:
+    """Up to `limit` bytes of `stream`, in chunks: `read(limit)` would allocate `limit` bytes
+    up front (1 GiB here) however small the file is."""
+    data = bytearray()
+    while len(data) < limit and (chunk := stream.read(min(1 << 20, limit - len(data)))):
+        data += chunk
+    return data

@@ -4,7 +4,11 @@ A source knows how to find its files and read them into (train, test)
 `ImageDataset`s. Datasets that live on disk are looked for, in order, in
 `--data-dir`, `$CNNLAB_DATA`, `~/.cache/cnnlab/data`, and the system dataset
 folder (`/usr/share/datasets`, where Debian's dataset packages put them), each
-in a sub-folder named after the dataset.
+in a sub-folder named after the dataset. `cnnlab datasets --download NAME`
+puts them in the first of those folders.
+
+`folder:PATH` names a user's own image folder (see `cnnlab.data.folder`); it is
+not registered, since PATH is part of the name.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from cnnlab.data.cifar import CIFAR10_UNPACKED, CIFAR100_UNPACKED, read_cifar10, read_cifar100
 from cnnlab.data.dataset import DatasetSplits, ImageDataset, Normalization, split_validation
 from cnnlab.data.digits import load_digits_splits
+from cnnlab.data.folder import FOLDER_PREFIX, FolderSpec, FolderSplits, read_image_folder
 from cnnlab.data.idx import read_idx_pair
 from cnnlab.errors import CnnlabError
 
@@ -38,9 +44,11 @@ class DatasetSource:
     """A named dataset.
 
     files:   file names that must all be present in the dataset's folder (empty
-             for datasets that need none)
+             for datasets that need none); what `--download` fetches
     read:    folder -> (train, test); the folder is None when `files` is empty
     how_to_get: one sentence for users who do not have the files
+    unpacked: file names that serve instead of `files`, such as the contents
+             of an archive the user has already unpacked
     """
 
     name: str
@@ -48,12 +56,13 @@ class DatasetSource:
     files: tuple[str, ...]
     read: Callable[[Path | None], tuple[ImageDataset, ImageDataset]]
     how_to_get: str = ""
+    unpacked: tuple[str, ...] = ()
 
     def find(self, data_dir: Path | None) -> Path | None:
-        """The first folder holding all of `files` (a `.gz` or raw copy of each), or None."""
+        """The first folder holding all of `files` (a `.gz` or raw copy of each) or all of `unpacked`, or None."""
         for root in data_roots(data_dir):
             folder = root / self.name
-            if all(_find_file(folder, f) is not None for f in self.files):
+            if _all_present(folder, self.files) or (self.unpacked and _all_present(folder, self.unpacked)):
                 return folder
         return None
 
@@ -79,25 +88,55 @@ def all_sources() -> list[DatasetSource]:
     return list(_SOURCES.values())
 
 
-def get_source(name: str) -> DatasetSource:
+def get_source(name: str, strict: bool = False) -> DatasetSource:
+    """The source called `name`; `folder:PATH` builds one for that folder (`strict`: fail on bad images)."""
+    if name.startswith(FOLDER_PREFIX):
+        spec = FolderSpec.parse(name)
+        return DatasetSource(
+            name,
+            f"images in {spec.path}, one sub-folder per class",
+            (),
+            lambda _folder: _train_and_test(read_image_folder(spec, strict)),
+        )
     if name not in _SOURCES:
         known = ", ".join(sorted(_SOURCES))
-        raise CnnlabError(f"unknown dataset '{name}': choose one of {known}")
+        raise CnnlabError(f"unknown dataset '{name}': choose one of {known}, or folder:PATH")
     return _SOURCES[name]
 
 
-def load_splits(name: str, data_dir: Path | None, val_fraction: float, seed: int) -> DatasetSplits:
-    """Read dataset `name` and carve the validation split from its training part."""
-    train, test = get_source(name).load(data_dir)
+def load_splits(
+    name: str, data_dir: Path | None, val_fraction: float, seed: int, strict: bool = False
+) -> DatasetSplits:
+    """Read dataset `name` and carve the validation split from its training part.
+
+    An image folder with its own `val/` keeps that split instead, and `val_fraction`
+    is not used. `strict` makes an unreadable image in a folder dataset an error
+    rather than a skipped file.
+    """
+    val = None
+    if name.startswith(FOLDER_PREFIX):
+        folder = read_image_folder(FolderSpec.parse(name), strict)
+        train, val, test = folder.train, folder.val, folder.test
+    else:
+        train, test = get_source(name).load(data_dir)
     if train.image_shape != test.image_shape:
         raise CnnlabError(f"dataset '{name}': train images are {train.image_shape} but test images {test.image_shape}")
-    train, val = split_validation(train, val_fraction, seed)
+    if val is None:
+        train, val = split_validation(train, val_fraction, seed)
     return DatasetSplits(name, train, val, test)
 
 
 def normalization_for(splits: DatasetSplits) -> Normalization:
     """Statistics of the training split only: the test set never informs training."""
     return Normalization.of(splits.train.images)
+
+
+def _train_and_test(folder: FolderSplits) -> tuple[ImageDataset, ImageDataset]:
+    return folder.train, folder.test
+
+
+def _all_present(folder: Path, names: tuple[str, ...]) -> bool:
+    return all(_find_file(folder, f) is not None for f in names)
 
 
 def _find_file(folder: Path, name: str) -> Path | None:
@@ -133,6 +172,9 @@ FASHION_CLASSES = (
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )  # fmt: skip
 
+# The romanized names the KMNIST authors give the ten characters.
+KMNIST_CLASSES = ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
+
 register_source(
     DatasetSource(
         "digits",
@@ -147,7 +189,8 @@ register_source(
         "handwritten digits, 28x28 grey (60,000 train / 10,000 test)",
         IDX_FILES,
         _idx_reader(tuple(str(d) for d in range(10))),
-        "put the four IDX files (.gz or raw) in a folder named 'mnist' under --data-dir",
+        "put the four IDX files (.gz or raw) in a folder named 'mnist' under --data-dir, "
+        "or run `cnnlab datasets --download mnist`",
     )
 )
 register_source(
@@ -156,7 +199,39 @@ register_source(
         "Zalando's clothing images, 28x28 grey (60,000 train / 10,000 test)",
         IDX_FILES,
         _idx_reader(FASHION_CLASSES),
-        "install Debian's package (apt-get install dataset-fashion-mnist) or put the four IDX files "
-        "in a folder named 'fashion-mnist' under --data-dir",
+        "install Debian's package (apt-get install dataset-fashion-mnist), put the four IDX files "
+        "in a folder named 'fashion-mnist' under --data-dir, or run `cnnlab datasets --download fashion-mnist`",
+    )
+)
+register_source(
+    DatasetSource(
+        "kmnist",
+        "Kuzushiji-MNIST, cursive Japanese characters, 28x28 grey (60,000 train / 10,000 test)",
+        IDX_FILES,
+        _idx_reader(KMNIST_CLASSES),
+        "put the four IDX files (.gz or raw) in a folder named 'kmnist' under --data-dir, "
+        "or run `cnnlab datasets --download kmnist`",
+    )
+)
+register_source(
+    DatasetSource(
+        "cifar10",
+        "CIFAR-10, small colour photos in 10 classes, 3x32x32 (50,000 train / 10,000 test)",
+        ("cifar-10-python.tar.gz",),
+        read_cifar10,
+        "put cifar-10-python.tar.gz (or its unpacked cifar-10-batches-py folder) in a folder named "
+        "'cifar10' under --data-dir, or run `cnnlab datasets --download cifar10`",
+        unpacked=CIFAR10_UNPACKED,
+    )
+)
+register_source(
+    DatasetSource(
+        "cifar100",
+        "CIFAR-100, small colour photos in 100 classes, 3x32x32 (50,000 train / 10,000 test)",
+        ("cifar-100-python.tar.gz",),
+        read_cifar100,
+        "put cifar-100-python.tar.gz (or its unpacked cifar-100-python folder) in a folder named "
+        "'cifar100' under --data-dir, or run `cnnlab datasets --download cifar100`",
+        unpacked=CIFAR100_UNPACKED,
     )
 )
