@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,6 +58,7 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--translate", "augment.translate", {"type": float, "help": "augment: max shift, fraction of size"}),
     ("--scale", "augment.scale", {"type": float, "help": "augment: max zoom, fraction"}),
     ("--erase", "augment.erase", {"type": float, "help": "augment: probability of random erasing"}),
+    ("--strict", "strict_data", {"action": "store_true", "help": "folder: datasets: fail on unreadable images"}),
 ]
 
 
@@ -94,15 +96,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     datasets = commands.add_parser("datasets", help="list datasets: where each was found, or how to get it")
     datasets.add_argument("--data-dir")
+    datasets.add_argument("--download", metavar="NAME", help="fetch mnist, fashion-mnist, kmnist, cifar10 or cifar100")
     datasets.set_defaults(handler=_datasets)
+
+    gradcheck = commands.add_parser("gradcheck", help="check hand-written gradients against autograd, layer by layer")
+    gradcheck.add_argument("--model", default="lenet5", help="model name (see `cnnlab models`); default lenet5")
+    gradcheck.add_argument("--input", default="1x28x28", help="input shape CxHxW (or C,H,W); default 1x28x28")
+    gradcheck.add_argument("--classes", type=int, default=10, help="number of classes; default 10")
+    gradcheck.add_argument("--batch-size", type=int, default=2, help="images in the test batch; default 2")
+    gradcheck.add_argument("--seed", type=int, default=0)
+    gradcheck.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    gradcheck.set_defaults(handler=_gradcheck)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-        return args.handler(args) or 0
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            args = parser.parse_args(argv)
+            return args.handler(args) or 0
     except CnnlabError as exc:
         print(f"cnnlab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -214,6 +228,12 @@ def _datasets(args: argparse.Namespace) -> int:
     from cnnlab.data.sources import all_sources
 
     data_dir = Path(args.data_dir) if args.data_dir else None
+    if args.download:
+        from cnnlab.data.download import download
+
+        folder = download(args.download, data_dir, stream=sys.stdout)
+        print(f"{args.download} is ready in {folder}")
+        return 0
     for source in all_sources():
         if not source.files:
             where = "built in"
@@ -221,7 +241,27 @@ def _datasets(args: argparse.Namespace) -> int:
             folder = source.find(data_dir)
             where = f"found in {folder}" if folder else f"not found: {source.how_to_get}"
         print(f"{source.name:<14} {source.description}\n{'':<14} {where}")
+    print(f"{'folder:PATH':<14} your own images, one sub-folder per class (options: folder:PATH,size=64,channels=1)")
     return 0
+
+
+def _gradcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when every layer is within tolerance, 1 when one is not."""
+    from cnnlab.backprop.gradcheck import check_model
+
+    if args.batch_size < 1 or args.classes < 2:
+        raise CnnlabError("gradcheck needs --batch-size >= 1 and --classes >= 2")
+    in_shape = _parse_shape(args.input.replace(",", "x"))
+    report = check_model(args.model, in_shape, args.batch_size, args.classes, args.seed)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.table())
+    return 0 if report.passed else 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"cnnlab: warning: {message}", file=sys.stderr)
 
 
 def _apply_flags(config: TrainConfig, args: argparse.Namespace) -> None:

@@ -233,3 +233,17 @@ def test_a_failed_overwrite_keeps_the_old_run(trained_run, capsys):
     argv = ["train", "--runs-dir", str(trained_run.parent), "--name", trained_run.name, "--overwrite", "--model", "nope"]
     fails_cleanly(capsys, argv, "unknown model 'nope'")
     assert (trained_run / "checkpoints" / "best.pt").read_bytes() == before
+
+
+def test_a_folder_dataset_trains_and_strict_refuses_a_broken_image(tmp_path, capsys):
+    from tests.data.test_folder import make_folder
+
+    data = make_folder(tmp_path / "shapes", per_class=12, size=(28, 28))
+    (data / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    argv = ["train", "--dataset", f"folder:{data}", "--epochs", "1", "--batch-size", "8", "--runs-dir", str(tmp_path)]
+    assert main([*argv, "--name", "lenient", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "cnnlab: warning: " in captured.err and "broken.png" in captured.err
+    assert json.loads(captured.out)["run_dir"] == str(tmp_path / "lenient")
+    fails_cleanly(capsys, [*argv, "--name", "strict", "--strict"], "broken.png")
+    assert not (tmp_path / "strict").exists()

@@ -26,10 +26,11 @@ def test_every_model_maps_images_to_logits_and_trains(name, in_shape):
 @pytest.mark.parametrize("name", sorted(spec.name for spec in all_models()))
 def test_every_model_can_overfit_one_small_batch(name):
     torch.manual_seed(0)
-    model = create_model(name, (1, 28, 28), num_classes=4)
-    x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 4
+    # 16x16 is the smallest input every model takes: it keeps the deep models quick here.
+    model = create_model(name, (1, 16, 16), num_classes=4)
+    x, y = torch.randn(8, 1, 16, 16), torch.arange(8) % 4
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(100):
         optimizer.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()

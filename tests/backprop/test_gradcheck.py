@@ -1,0 +1,71 @@
+import json
+
+import pytest
+import torch
+
+from cnnlab.backprop.activations import ReLU
+from cnnlab.backprop.gradcheck import check_model, check_sequential
+from cnnlab.backprop.pool import MaxPool2d
+from cnnlab.cli import main
+from cnnlab.models import all_models
+
+SMALL_INPUT = {"cifar_cnn": (3, 12, 12), "lenet5": (1, 20, 20)}
+
+
+@pytest.mark.parametrize("name", sorted(spec.name for spec in all_models()))
+def test_every_registered_model_passes_its_gradient_check(name):
+    report = check_model(name, SMALL_INPUT.get(name, (1, 12, 12)), batch_size=2, points=4)
+    assert report.passed, report.table()
+    assert all(row.fd_points > 0 for row in report.rows)
+    assert report.rows[-1].layer == "loss SoftmaxCrossEntropy"
+
+
+def test_gradcheck_command_prints_a_table_and_exits_0_on_lenet5(capsys):
+    assert main(["gradcheck", "--model", "lenet5", "--input", "1,28,28"]) == 0
+    out = capsys.readouterr().out
+    assert "gradcheck of lenet5 on input (2, 1, 28, 28)" in out
+    assert "0 Conv2d" in out and "11 Linear" in out and "all 13 layers within tolerance" in out
+
+
+def test_gradcheck_command_exits_1_and_names_a_layer_whose_backward_is_off(capsys, monkeypatch):
+    original = ReLU.backward
+
+    def slightly_off(self, dout):
+        return original(self, dout) * 1.001
+
+    monkeypatch.setattr(ReLU, "backward", slightly_off)
+    assert main(["gradcheck", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    failed = [row["layer"] for row in report["layers"] if not row["passed"]]
+    assert failed == ["1 ReLU", "4 ReLU", "8 ReLU", "10 ReLU"] and report["passed"] is False
+    assert 5e-4 < report["layers"][1]["autograd_rel"] < 2e-3
+
+
+def test_a_gradient_sent_to_the_wrong_place_fails_against_both_references(monkeypatch):
+    """A max-pool that routes each gradient to the window's first pixel instead of its maximum."""
+
+    def first_pixel(self, dout):
+        self._take(dout)
+        n, c, oh, ow = dout.shape
+        dx = torch.zeros(n, c, 2 * oh, 2 * ow, dtype=dout.dtype)  # LeNet-5's pools: 2x2, stride 2
+        dx[:, :, ::2, ::2] = dout
+        return dx
+
+    monkeypatch.setattr(MaxPool2d, "backward", first_pixel)
+    rows = {row.layer: row for row in check_model("lenet5").rows}
+    assert not rows["2 MaxPool2d"].passed and not rows["5 MaxPool2d"].passed
+    assert rows["2 MaxPool2d"].fd_rel > 1e-3 and rows["2 MaxPool2d"].autograd_rel > 1e-3
+    assert rows["0 Conv2d"].passed
+
+
+def test_a_bad_input_shape_is_a_usage_error(capsys):
+    assert main(["gradcheck", "--input", "1x28"]) == 2
+    assert "--input must look like 1x28x28" in capsys.readouterr().err
+
+
+def test_residual_blocks_pass_the_gradient_check(resnet):
+    torch.manual_seed(0)
+    report = check_sequential(resnet.resnet((3, 12, 12), 10, blocks_per_stage=1), "resnet8", (2, 3, 12, 12), points=4)
+    assert report.passed, report.table()
+    residual_rows = [row for row in report.rows if row.layer.endswith("Residual")]
+    assert len(residual_rows) == 3 and all(row.fd_points > 0 for row in residual_rows)
