@@ -55,7 +55,9 @@ def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Chec
     """Train `config` into `run`; with `resume`, continue from that checkpoint exactly."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
-    splits = load_splits(config.dataset, _path_or_none(config.data_dir), config.val_fraction, config.seed)
+    splits = load_splits(
+        config.dataset, _path_or_none(config.data_dir), config.val_fraction, config.seed, strict=config.strict_data
+    )
     normalization = normalization_for(splits) if resume is None else resume.normalization
     model = create_model(config.model, splits.image_shape, len(splits.classes))
     model_info = {"name": config.model, "in_shape": list(splits.image_shape), "num_classes": len(splits.classes)}
@@ -127,8 +129,11 @@ def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Chec
             config=config.to_dict(),
             metrics={k: v for k, v in row.items()},
         )
-        # Without a validation split, the latest epoch counts as the best one.
-        if val_data and val.accuracy > best_accuracy or not val_data:
+        # Without a validation split, the latest epoch counts as the best one. A tie goes
+        # to the later epoch: small validation splits (digits: 144 images) often sit at
+        # the same accuracy for several epochs while the annealing schedule still improves
+        # the model, and the earliest of them tests up to 1% worse.
+        if val_data and val.accuracy >= best_accuracy or not val_data:
             best_accuracy = val.accuracy
             run.save_checkpoint("best", checkpoint)
         run.save_checkpoint("last", checkpoint)
@@ -156,8 +161,9 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=data.images.device)
     for start in range(0, len(data), config.batch_size):
         index = order[start : start + config.batch_size]
-        images = data.images[index]  # (B, C, H, W) uint8
-        labels = data.labels[index]  # (B,) int64
+        # index_select, not images[index]: the same rows, several times faster on a CPU.
+        images = data.images.index_select(0, index)  # (B, C, H, W) uint8
+        labels = data.labels.index_select(0, index)  # (B,) int64
         x = normalization.apply(images)  # (B, C, H, W) float32
         if augmenter is not None:
             x = augmenter(x)

@@ -1,0 +1,205 @@
+"""What each trick of cnnlab/train/fastpath.py buys, one at a time.
+
+Times cnnlab's own training step (`AutogradEngine.train_step`, driven by the
+loop's `train_one_epoch`, per-batch data handling included) on LeNet-5 with
+Fashion-MNIST batches, adding the tricks one by one:
+
+    eager              model(x): cnnlab before the fast path
+    + channels-last    conv weights copied to channels-last, so activations are too
+    + pool before ReLU the full fast path: what `cnnlab train` runs
+
+The variants take turns, `--rounds` times, each timing `--steps` steps of the
+same batches from the same starting weights; the median step of each turn,
+then the median over turns, is reported, so a busy neighbour slows all of
+them alike.
+
+    python bench/fastpath.py [--batch-sizes 128,256] [--rounds 7] [--steps 40]
+    python bench/fastpath.py --profile   # where a fast-path step spends its time
+
+--profile runs the full fast path under torch.profiler and groups the
+operators' own CPU time by what they do (docs/performance.md quotes it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cnnlab.config import OptimConfig, TrainConfig
+from cnnlab.data.sources import load_splits, normalization_for
+from cnnlab.models import create_model
+from cnnlab.train.engine import AutogradEngine
+from cnnlab.train.fastpath import fast_forward
+from cnnlab.train.loop import train_one_epoch
+from cnnlab.train.progress import Progress
+
+VARIANTS = ("eager", "+ channels-last", "+ pool before ReLU")
+RESULTS = Path(__file__).parent / "results" / "fastpath.json"
+PROFILE = Path(__file__).parent / "results" / "fastpath_profile.json"
+
+
+class StepTimer(Progress):
+    """The loop reports every batch here: the time between two reports is one step."""
+
+    def __init__(self) -> None:
+        super().__init__(bar=False, quiet=True)
+        self.seconds: list[float] = []
+        self.last = time.perf_counter()
+
+    def batch_done(self, loss: float | None = None) -> None:
+        now = time.perf_counter()
+        self.seconds.append(now - self.last)
+        self.last = now
+
+
+def ablation(batch_size: int, steps: int, rounds: int, dataset: str) -> list[dict]:
+    """Median seconds per step of each variant, interleaved over `rounds`."""
+    torch.manual_seed(0)
+    splits = load_splits(dataset, None, 0.1, 0)
+    normalization = normalization_for(splits)
+    n = min(len(splits.train), batch_size * steps)
+    train, order = splits.train.subset(torch.arange(n)), torch.arange(n)
+    config = TrainConfig(batch_size=batch_size, optim=OptimConfig(lr=0.01, schedule="constant"))
+    initial = create_model("lenet5", splits.image_shape, len(splits.classes)).state_dict()
+    engines = {}
+    for position, variant in enumerate(VARIANTS):
+        model = create_model("lenet5", splits.image_shape, len(splits.classes))
+        model.load_state_dict(initial)
+        engine = AutogradEngine(model, config)
+        engine.forward = model if position == 0 else fast_forward(model, "cpu", True, position >= 2)
+        engines[variant] = engine
+        train_one_epoch(engine, train, order, normalization, config, 0, steps, None, Progress(quiet=True))  # warm-up
+    medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    names = list(VARIANTS)
+    for _ in range(rounds):
+        random.shuffle(names)
+        for variant in names:
+            timer = StepTimer()
+            train_one_epoch(engines[variant], train, order, normalization, config, 0, steps, None, timer)
+            medians[variant].append(statistics.median(timer.seconds))
+    rows, base = [], statistics.median(medians["eager"])
+    for variant in VARIANTS:
+        step_s = statistics.median(medians[variant])
+        rows.append({"variant": variant, "images_per_s": round(batch_size / step_s), "speedup_vs_eager": round(base / step_s, 2),
+                     "step_ms_each_round": [round(1e3 * s, 2) for s in medians[variant]]})  # fmt: skip
+    return rows
+
+
+# Name fragments of an operator or of any operator enclosing it -> what it does.
+# The first fragment found anywhere in the chain wins, so the order matters.
+GROUPS = (
+    ("Optimizer.", "optimizer"),
+    ("convolution_backward", "conv backward"),
+    ("mkldnn_convolution", "conv forward"),
+    ("max_pool2d_with_indices_backward", "max-pool backward"),
+    ("max_pool2d", "max-pool forward"),
+    ("threshold_backward", "ReLU"),
+    ("relu", "ReLU"),
+    ("addmm", "linear"),
+    ("Addmm", "linear"),
+    ("aten::mm", "linear"),
+    ("cross_entropy", "loss"),
+    ("LogSoftmax", "loss"),
+    ("NllLoss", "loss"),
+    ("linalg_vector_norm", "gradient clipping"),
+    ("aten::stack", "gradient clipping"),
+    ("aten::clamp", "gradient clipping"),
+    ("aten::mul_", "gradient clipping"),
+    ("aten::to", "channels-last weight copies"),
+    ("ToCopyBackward", "channels-last weight copies"),
+)
+OUTSIDE_STEP = "batch: gather, normalize, loop"
+
+
+def _classify(event) -> str:
+    chain, parent = [event.name], event.cpu_parent
+    while parent is not None:
+        chain.append(parent.name)
+        parent = parent.cpu_parent
+    if "train_step" not in chain:
+        return OUTSIDE_STEP
+    for fragment, group in GROUPS:
+        if any(fragment in name for name in chain):
+            if group == "max-pool backward" and event.name in ("aten::fill_", "aten::zero_"):
+                return "max-pool backward: zero-fill"
+            return group
+    return "other (autograd engine, gradient accumulation, views)"
+
+
+def profile(batch_size: int, steps: int, dataset: str) -> dict:
+    """Self CPU time of a fast-path training step, grouped; shares of the whole."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    torch.manual_seed(0)
+    splits = load_splits(dataset, None, 0.1, 0)
+    normalization = normalization_for(splits)
+    n = min(len(splits.train), batch_size * steps)
+    train = splits.train.subset(torch.arange(n))
+    config = TrainConfig(batch_size=batch_size, optim=OptimConfig(lr=0.01, schedule="constant"))
+    engine = AutogradEngine(create_model("lenet5", splits.image_shape, len(splits.classes)), config)
+    order, quiet = torch.arange(n), Progress(quiet=True)
+    step = engine.train_step
+
+    def labelled_step(x: torch.Tensor, y: torch.Tensor, lr: float):
+        with record_function("train_step"):
+            return step(x, y, lr)
+
+    engine.train_step = labelled_step
+    train_one_epoch(engine, train, order, normalization, config, 0, steps, None, quiet)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        train_one_epoch(engine, train, order, normalization, config, 0, steps, None, quiet)
+        wall = time.perf_counter() - started
+    groups: dict[str, float] = {}
+    for event in prof.events():
+        group = _classify(event)
+        groups[group] = groups.get(group, 0.0) + event.self_cpu_time_total / 1e6
+    total = sum(groups.values())
+    shares = {g: round(t / total, 3) for g, t in sorted(groups.items(), key=lambda kv: -kv[1])}
+    for group, share in shares.items():
+        print(f"{group:<28} {100 * share:5.1f}%")
+    print(f"{steps} steps of batch {batch_size}: {1e3 * wall / steps:.2f} ms per step (profiled)")
+    return {"batch_size": batch_size, "steps": steps, "ms_per_step_profiled": round(1e3 * wall / steps, 2), "shares": shares}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-sizes", default="128,256", help="comma-separated")
+    parser.add_argument("--batch-size", type=int, default=128, help="for --profile")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per variant and round")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--profile", action="store_true", help="profile the full fast path instead")
+    args = parser.parse_args(argv)
+    RESULTS.parent.mkdir(exist_ok=True)
+    if args.profile:
+        result = profile(args.batch_size, args.steps, args.dataset)
+        PROFILE.write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+
+    results = []
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        rows = ablation(batch_size, args.steps, args.rounds, args.dataset)
+        for row in rows:
+            print(f"batch {batch_size:>4}  {row['variant']:<20} {row['images_per_s']:>8,} img/s  x{row['speedup_vs_eager']}")
+        results.append({"batch_size": batch_size, "rows": rows})
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    RESULTS.write_text(json.dumps({"dataset": args.dataset, "rounds": args.rounds, "steps": args.steps, "results": results,
+                                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                                   "python": platform.python_version(), "load_average": load}, indent=2) + "\n")  # fmt: skip
+    print(f"written to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Contender (b): a well-written plain PyTorch loop, with no speed tricks.
+
+The whole training split is normalized once and held in memory as one float32
+tensor; a batch is a slice of a shuffled index. Same LeNet-5 as cnnlab (built
+by cnnlab's registry: plain torch layers, same initialisation), batch 256,
+SGD with Nesterov momentum 0.9 and weight decay 5e-4, torch's OneCycleLR,
+10 epochs. No channels-last, no reordered layers, default allocator: what a
+careful PyTorch user writes first.
+
+    python bench/plain_loop.py --out result.json [--budget 300] [--dataset fashion-mnist]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cnnlab.models import create_model
+from measure import Clock, Record, bench_splits, test_accuracy
+
+BATCH_SIZE = 256
+EPOCHS = 10
+LR = 0.1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--train-limit", type=int)
+    parser.add_argument("--test-limit", type=int)
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds of training at most")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    splits = bench_splits(args.dataset, args.train_limit, args.test_limit, args.seed)
+    # Per-channel statistics of the training images only.
+    pixels = splits.train.images.to(torch.float32).div_(255)  # (N, C, H, W)
+    mean = pixels.mean(dim=(0, 2, 3), keepdim=True)
+    std = pixels.std(dim=(0, 2, 3), keepdim=True)
+    x_train, y_train = (pixels - mean) / std, splits.train.labels
+    x_test = (splits.test.images.to(torch.float32).div_(255) - mean) / std
+    del pixels
+
+    model = create_model("lenet5", splits.image_shape, len(splits.classes))
+    steps_per_epoch = -(-len(x_train) // BATCH_SIZE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=args.epochs * steps_per_epoch)
+
+    record = Record("plain PyTorch loop", f"tensors in memory, batch {BATCH_SIZE}, SGD Nesterov + OneCycleLR {LR}",
+                    BATCH_SIZE, len(x_train))  # fmt: skip
+    clock = Clock(args.budget)
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        started, images = time.perf_counter(), 0
+        order = torch.randperm(len(x_train))
+        for start in range(0, len(x_train), BATCH_SIZE):
+            index = order[start : start + BATCH_SIZE]
+            loss = F.cross_entropy(model(x_train[index]), y_train[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            images += len(index)
+            if clock.spent():
+                break
+        seconds = time.perf_counter() - started
+        record.stopped_by_budget = images < len(x_train) or (clock.spent() and epoch < args.epochs)
+        paused = time.perf_counter()
+        model.eval()
+        accuracy = test_accuracy(model, x_test, splits.test.labels)
+        clock.excluded += time.perf_counter() - paused
+        record.add_epoch(round(epoch - 1 + images / len(x_train), 3), clock.elapsed(), seconds, images, accuracy)
+        record.final_test_accuracy = round(accuracy, 4)
+        print(f"plain loop: epoch {epoch}  test {100 * accuracy:.2f}%", file=sys.stderr)
+        if record.stopped_by_budget:
+            break
+    record.write(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

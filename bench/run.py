@@ -1,0 +1,273 @@
+"""`make bench`: LeNet-5 on Fashion-MNIST, four ways of training it, side by side.
+
+    (a) seed recipe   the seed tutorial as written: batch 4, Adam, per-image Dataset + DataLoader
+    (b) plain loop    a careful plain PyTorch loop: tensors in memory, batch 256, SGD + one-cycle
+    (c) cnnlab train  cnnlab's default recipe, through its package API
+    (d) manual engine cnnlab's hand-written backprop (`--engine manual`), when it exists
+
+All four train the same LeNet-5 on the same train split and are tested on the
+same test split, each in its own process (see measure.py for the figures and
+how they are taken). Then inference (bench/inference.py) and a float32 matmul
+give the scale: what this CPU can do, and how much of it training uses.
+
+    python bench/run.py [--budget 300] [--quick] [--out PATH] [--docs PATH]
+
+Results go to bench/results/<name>.json (machine, versions, command, date) and,
+unless --quick, into the generated section of docs/performance.md. On a
+machine shared with other work, timings are noisy: compare figures from one
+run, and take final figures on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import cnnlab
+from cnnlab.atomicfile import atomic_write_text
+from cnnlab.data.sources import get_source
+from cnnlab.errors import CnnlabError
+from cnnlab.models import create_model
+from cnnlab.train.rundir import code_version
+from measure import TARGET_ACCURACY, matmul_gflops, training_flops_per_image
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+DOCS = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- bench:begin (written by bench/run.py) -->", "<!-- bench:end -->"
+
+# (key, label, script, extra arguments)
+CONTENDERS = (
+    ("seed_recipe", "(a) seed recipe", "seed_recipe.py", []),
+    ("plain_loop", "(b) plain PyTorch loop", "plain_loop.py", []),
+    ("cnnlab", "(c) cnnlab train", "cnnlab_train.py", []),
+    ("manual", "(d) cnnlab --engine manual", "cnnlab_train.py", ["--engine", "manual"]),
+)
+QUICK = {"budget": 4.0, "train_limit": 2000, "test_limit": 500, "epochs": 2}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds of training per contender, at most")
+    parser.add_argument("--quick", action="store_true", help="tiny budget and data subset: checks the bench runs")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--name", default=None, help="results file name (default: the dataset, or 'quick')")
+    parser.add_argument("--out", type=Path, help="results JSON path (default bench/results/<name>.json)")
+    parser.add_argument("--docs", type=Path, help=f"Markdown file for the table (default {DOCS.relative_to(ROOT)}; "
+                        "not written with --quick unless given)")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        get_source(args.dataset).load(None)
+    except CnnlabError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+
+    name = args.name or ("quick" if args.quick else f"lenet5-{args.dataset}")
+    out = args.out or BENCH / "results" / f"{name}.json"
+    docs = args.docs or (None if args.quick else DOCS)
+    budget = QUICK["budget"] if args.quick else args.budget
+    limits = ["--train-limit", str(QUICK["train_limit"]), "--test-limit", str(QUICK["test_limit"])] if args.quick else []
+
+    started = time.time()
+    load_before = _load_average()
+    matmul = matmul_gflops()
+    flops = training_flops_per_image(create_model("lenet5", (1, 28, 28), 10), (1, 28, 28))
+    contenders = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for key, label, script, extra in CONTENDERS:
+            if key == "manual" and importlib.util.find_spec("cnnlab.backprop.engine") is None:
+                contenders[key] = {"label": label, "skipped": "cnnlab.backprop.engine does not exist yet"}
+                print(f"bench: {label} skipped: cnnlab.backprop.engine does not exist yet", file=sys.stderr)
+                continue
+            epochs = ["--epochs", str(QUICK["epochs"])] if args.quick else []
+            arguments = ["--dataset", args.dataset, "--budget", str(budget), *limits, *epochs, *extra]
+            contenders[key] = {"label": label, **_run_contender(script, arguments, Path(scratch) / f"{key}.json")}
+        inference_args = ["--dataset", args.dataset, *(["--quick"] if args.quick else [])]
+        inference = _run_script("inference.py", inference_args, Path(scratch) / "inference.json")
+
+    for result in contenders.values():
+        if result.get("images_per_s"):
+            result["gflops"] = round(result["images_per_s"] * flops / 1e9, 2)
+            result["share_of_matmul"] = round(result["gflops"] / matmul["best_gflops"], 3)
+    results = {
+        "benchmark": "LeNet-5 training and inference, side by side",
+        "dataset": args.dataset,
+        "quick": args.quick,
+        "budget_s": budget,
+        "target_accuracy": TARGET_ACCURACY,
+        "training_flops_per_image": flops,
+        "matmul": matmul,
+        "contenders": contenders,
+        "ratios": _ratios(contenders),
+        "inference": inference,
+        "machine": _machine(),
+        "load_average": {"before": load_before, "after": _load_average()},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+        "wall_s": round(time.time() - started, 1),
+    }
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    print(table)
+    print(f"results written to {out}")
+    if docs is not None:
+        write_docs(docs, table)
+        print(f"table written into {docs}")
+    return 0
+
+
+def _run_contender(script: str, arguments: list[str], out: Path) -> dict:
+    try:
+        return _run_script(script, arguments, out)
+    except subprocess.CalledProcessError as exc:
+        return {"error": f"{script} exited with status {exc.returncode}"}
+
+
+def _run_script(script: str, arguments: list[str], out: Path) -> dict:
+    # stderr passes through: the contenders print one line per epoch.
+    subprocess.run([sys.executable, str(BENCH / script), "--out", str(out), *arguments], check=True, cwd=ROOT)
+    return json.loads(out.read_text())
+
+
+def _ratios(contenders: dict) -> dict:
+    def ratio(top: str, bottom: str, field: str, invert: bool = False) -> float | None:
+        a, b = contenders.get(top, {}).get(field), contenders.get(bottom, {}).get(field)
+        if not a or not b:
+            return None
+        return round(b / a if invert else a / b, 2)
+
+    def at_least(top: str, bottom: str) -> float | None:
+        """When only `top` reaches the target: the bottom's whole training time over top's time to it."""
+        reached, other = contenders.get(top, {}), contenders.get(bottom, {})
+        if not reached.get("time_to_target_s") or other.get("time_to_target_s") or not other.get("epochs"):
+            return None
+        return round(other["epochs"][-1]["elapsed_s"] / reached["time_to_target_s"], 2)
+
+    pairs = (("c/a", "cnnlab", "seed_recipe"), ("c/b", "cnnlab", "plain_loop"), ("d/c", "manual", "cnnlab"))
+    return {
+        name: {
+            "throughput": ratio(top, bottom, "images_per_s"),
+            # > 1 means `top` reaches the target sooner
+            "time_to_target_speedup": ratio(top, bottom, "time_to_target_s", invert=True),
+            "time_to_target_speedup_at_least": at_least(top, bottom),
+        }
+        for name, top, bottom in pairs
+    }
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cnnlab": cnnlab.__version__,
+        "git_commit": code_version(),
+    }
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def markdown(results: dict) -> str:
+    """The generated part of docs/performance.md: machine, training table, ratios, inference."""
+    machine, matmul = results["machine"], results["matmul"]
+    target = f"{100 * results['target_accuracy']:.0f}%"
+    lines = [
+        f"Measured {results['date']} on {machine['cpu']} ({machine['logical_cpus']} logical CPUs, "
+        f"torch {machine['torch']} with {machine['torch_threads']} threads, Python {machine['python']}); "
+        f"load average {results['load_average']['before']} before, {results['load_average']['after']} after. "
+        f"Command: `{results['command']}`. Budget {results['budget_s']:.0f} s of training per contender."
+        + (" Quick mode: a data subset, figures are not meaningful." if results["quick"] else ""),
+        "",
+        f"float32 matmul (1024x1024): {matmul['best_gflops']} GFLOP/s best, {matmul['median_gflops']} median. "
+        f"LeNet-5 training costs {results['training_flops_per_image'] / 1e6:.2f} MFLOP per image.",
+        "",
+        f"| contender | batch | train images/s | time to {target} test | epochs to {target} | final test accuracy "
+        "| peak RSS | GFLOP/s (share of matmul) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for result in results["contenders"].values():
+        if "skipped" in result or "error" in result:
+            lines.append(f"| {result['label']} | {result.get('skipped') or result.get('error')} ||||||| ")
+            continue
+        reached = result["time_to_target_s"]
+        lines.append(
+            f"| {result['label']} | {result['batch_size']} | {result['images_per_s']:,.0f} | "
+            + (f"{reached:.1f} s" if reached is not None else "not reached")
+            + f" | {result['epochs_to_target'] if reached is not None else '-'} | "
+            f"{100 * result['final_test_accuracy']:.2f}%"
+            + (" (budget)" if result["stopped_by_budget"] else "")
+            + f" | {result['peak_rss_mb']:.0f} MiB | {result.get('gflops', 0):.1f} ({100 * result.get('share_of_matmul', 0):.0f}%) |"
+        )
+    lines += ["", f"| ratio | training throughput | time to {target} (speed-up) |", "|---|---:|---:|"]
+    for name, ratio in results["ratios"].items():
+        speedup = _times(ratio["time_to_target_speedup"])
+        if ratio.get("time_to_target_speedup_at_least"):
+            speedup = f"more than x{ratio['time_to_target_speedup_at_least']} (the other never reached it)"
+        lines.append(f"| {name} | {_times(ratio['throughput'])} | {speedup} |")
+    inference = results["inference"]
+    lines += [
+        "",
+        "Inference, LeNet-5 forward (images/s; same logits, the difference is float rounding):",
+        "",
+        "| batch | eager `model(x)` | cnnlab (`fast_forward`, inference mode) | speed-up | max logit difference |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in inference["forward"]:
+        lines.append(
+            f"| {row['batch']} | {row['eager_images_per_s']:,.0f} | {row['cnnlab_images_per_s']:,.0f} | "
+            f"x{row['speedup']} | {row['max_abs_logit_difference']:.1e} |"
+        )
+    entry = inference["entry_points"]
+    lines += [
+        "",
+        f"Whole entry points: `evaluate()` over the {inference['test_images']:,} test images "
+        f"{entry['evaluate_images_per_s']:,.0f} images/s; `Predictor.predict_batch` "
+        f"{entry['predict_batch_1_images_per_s']:,.0f} images/s at batch 1, "
+        f"{entry['predict_batch_256_images_per_s']:,.0f} at batch 256.",
+    ]
+    return "\n".join(lines)
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"x{value}"
+
+
+def write_docs(path: Path, table: str) -> None:
+    """Replace the generated section of `path` (between the markers), keeping the hand-written text."""
+    text = path.read_text() if path.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(path, f"{head}{BEGIN}\n{table}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""The bench still runs: `bench/run.py --quick` on the built-in digits, its result file checked.
+
+The figures of a quick run mean nothing (a few seconds of training on a small
+dataset); real figures come from `make bench`. What is checked is the shape:
+every contender present, with positive speeds and accuracies that are
+accuracies, so that the bench cannot rot unnoticed.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTENDERS = ("seed_recipe", "plain_loop", "cnnlab", "manual")
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
+    out, docs = tmp_path / "bench.json", tmp_path / "performance.md"
+    command = [sys.executable, "bench/run.py", "--quick", "--dataset", "digits", "--out", str(out), "--docs", str(docs)]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    results = json.loads(out.read_text())
+    assert set(results["contenders"]) == set(CONTENDERS)
+    for key in CONTENDERS:
+        contender = results["contenders"][key]
+        if key == "manual" and "skipped" in contender:
+            continue
+        assert "error" not in contender, contender
+        assert contender["images_per_s"] > 0 and contender["gflops"] > 0
+        assert 0 <= contender["final_test_accuracy"] <= 1
+        assert contender["epochs"] and all(0 <= e["test_accuracy"] <= 1 for e in contender["epochs"])
+        assert contender["peak_rss_mb"] > 0
+    assert results["matmul"]["best_gflops"] > 0 and results["training_flops_per_image"] > 1e6
+    assert all(row["eager_images_per_s"] > 0 and row["cnnlab_images_per_s"] > 0 for row in results["inference"]["forward"])
+    assert all(row["max_abs_logit_difference"] < 1e-4 for row in results["inference"]["forward"])
+    assert results["machine"]["torch"] and results["date"] and "run.py" in results["command"]
+
+    text = docs.read_text()
+    assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text

@@ -1,0 +1,71 @@
+"""The fast path computes what the model computes: same logits, same gradients, model untouched."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cnnlab.models import all_models, create_model
+from cnnlab.train.fastpath import fast_forward
+
+
+def images_with_ties(n: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Random images with a constant band, where max-pool windows hold equal values (ties)."""
+    x = torch.randn(n, *shape)
+    x[:, :, : shape[1] // 3] = 0.5
+    return x
+
+
+@pytest.mark.parametrize("name", sorted(spec.name for spec in all_models()))
+@pytest.mark.parametrize("in_shape", [(1, 28, 28), (3, 32, 32)], ids=["1x28x28", "3x32x32"])
+def test_fast_forward_matches_the_model_in_values_and_gradients(name, in_shape):
+    torch.manual_seed(0)
+    model = create_model(name, in_shape, num_classes=10)
+    x, y = images_with_ties(8, in_shape), torch.arange(8) % 10
+
+    F.cross_entropy(model(x), y).backward()
+    expected = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    logits = fast_forward(model)(x)
+    F.cross_entropy(logits, y).backward()
+
+    torch.testing.assert_close(logits, model(x), rtol=1e-5, atol=1e-5)
+    for key, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_fast_forward_leaves_parameters_and_state_dict_as_they_were():
+    model = create_model("lenet5", (1, 28, 28), 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    forward = fast_forward(model)
+    F.cross_entropy(forward(torch.randn(4, 1, 28, 28)), torch.arange(4)).backward()
+    state = model.state_dict()
+    assert list(state) == list(before)
+    for key, value in state.items():
+        assert value.is_contiguous() and torch.equal(value, before[key]), key
+        assert model.get_parameter(key).grad.is_contiguous(), key
+
+
+def test_fast_forward_follows_the_models_mode_and_weights_as_they_change():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Dropout(0.5), torch.nn.Flatten()
+    )
+    forward, x = fast_forward(model), torch.randn(2, 1, 10, 10)
+    model.eval()
+    torch.testing.assert_close(forward(x), model(x))
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    torch.testing.assert_close(forward(x), model(x))
+    model.train()
+    assert (forward(x) == 0).float().mean() > 0.3  # dropout is active again
+
+
+def test_models_without_convolutions_other_layers_or_devices_get_the_model_back():
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    assert fast_forward(mlp) is mlp
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    assert fast_forward(conv, "meta") is conv
+    normalized = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    assert fast_forward(normalized) is normalized
+    lenet = create_model("lenet5", (1, 28, 28), 10)
+    assert fast_forward(lenet) is not lenet
