@@ -89,8 +89,12 @@ def ablation(batch_size: int, steps: int, rounds: int, dataset: str) -> list[dic
     rows, base = [], statistics.median(medians["eager"])
     for variant in VARIANTS:
         step_s = statistics.median(medians[variant])
-        rows.append({"variant": variant, "images_per_s": round(batch_size / step_s), "speedup_vs_eager": round(base / step_s, 2),
-                     "step_ms_each_round": [round(1e3 * s, 2) for s in medians[variant]]})  # fmt: skip
+        rows.append({
+            "variant": variant,
+            "images_per_s": round(batch_size / step_s),
+            "speedup_vs_eager": round(base / step_s, 2),
+            "step_ms_each_round": [round(1e3 * s, 2) for s in medians[variant]],
+        })
     return rows
 
 
@@ -169,7 +173,8 @@ def profile(batch_size: int, steps: int, dataset: str) -> dict:
     for group, share in shares.items():
         print(f"{group:<28} {100 * share:5.1f}%")
     print(f"{steps} steps of batch {batch_size}: {1e3 * wall / steps:.2f} ms per step (profiled)")
-    return {"batch_size": batch_size, "steps": steps, "ms_per_step_profiled": round(1e3 * wall / steps, 2), "shares": shares}
+    return {"batch_size": batch_size, "steps": steps, "ms_per_step_profiled": round(1e3 * wall / steps, 2),
+            "shares": shares}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,12 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         rows = ablation(batch_size, args.steps, args.rounds, args.dataset)
         for row in rows:
-            print(f"batch {batch_size:>4}  {row['variant']:<20} {row['images_per_s']:>8,} img/s  x{row['speedup_vs_eager']}")
+            print(f"batch {batch_size:>4}  {row['variant']:<20} {row['images_per_s']:>8,} img/s  "
+                  f"x{row['speedup_vs_eager']}")  # fmt: skip
         results.append({"batch_size": batch_size, "rows": rows})
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    RESULTS.write_text(json.dumps({"dataset": args.dataset, "rounds": args.rounds, "steps": args.steps, "results": results,
-                                   "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                                   "python": platform.python_version(), "load_average": load}, indent=2) + "\n")  # fmt: skip
+    summary = {
+        "dataset": args.dataset,
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "results": results,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "load_average": load,
+    }
+    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"written to {RESULTS}")
     return 0
 

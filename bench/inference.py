@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 
+from cnnlab.data.sources import normalization_for
 from cnnlab.models import create_model
 from cnnlab.predict import Predictor
 from cnnlab.train.checkpoint import Checkpoint
 from cnnlab.train.evaluate import EVAL_BATCH_SIZE, evaluate
 from cnnlab.train.fastpath import fast_forward
-from cnnlab.data.sources import normalization_for
 from measure import bench_splits, peak_rss_mb
 
 BATCH_SIZES = (1, 256, EVAL_BATCH_SIZE)
@@ -88,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
 
         difference = (eager() - cnnlab()).abs().max().item()
         rates = images_per_s({"eager": eager, "cnnlab": cnnlab}, batch, rounds, seconds_per_call)
-        rows.append({"batch": batch, "eager_images_per_s": rates["eager"], "cnnlab_images_per_s": rates["cnnlab"],
-                     "speedup": round(rates["cnnlab"] / rates["eager"], 2), "max_abs_logit_difference": difference})  # fmt: skip
+        rows.append({
+            "batch": batch,
+            "eager_images_per_s": rates["eager"],
+            "cnnlab_images_per_s": rates["cnnlab"],
+            "speedup": round(rates["cnnlab"] / rates["eager"], 2),
+            "max_abs_logit_difference": difference,
+        })
 
-    checkpoint = Checkpoint({"name": "lenet5", "in_shape": list(splits.image_shape), "num_classes": len(splits.classes)},
-                            model.state_dict(), normalization, splits.classes, args.dataset)  # fmt: skip
+    model_info = {"name": "lenet5", "in_shape": list(splits.image_shape), "num_classes": len(splits.classes)}
+    checkpoint = Checkpoint(model_info, model.state_dict(), normalization, splits.classes, args.dataset)
     predictor = Predictor(checkpoint)
     whole = {
         "evaluate": lambda: evaluate(model, test, normalization),
@@ -100,12 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         "predict_256": lambda: predictor.predict_batch(test.images[:256], top_k=3),
     }
     entry_points = {
-        "evaluate_images_per_s": images_per_s({"e": whole["evaluate"]}, len(test), max(3, rounds // 3), seconds_per_call)["e"],
+        "evaluate_images_per_s": images_per_s({"e": whole["evaluate"]}, len(test), max(3, rounds // 3),
+                                              seconds_per_call)["e"],  # fmt: skip
         "predict_batch_1_images_per_s": images_per_s({"p": whole["predict_1"]}, 1, rounds, seconds_per_call)["p"],
         "predict_batch_256_images_per_s": images_per_s({"p": whole["predict_256"]}, 256, rounds, seconds_per_call)["p"],
     }
-    result = {"model": "lenet5", "dataset": args.dataset, "test_images": len(test), "forward": rows,
-              "entry_points": entry_points, "torch_threads": torch.get_num_threads(), "peak_rss_mb": round(peak_rss_mb(), 1)}  # fmt: skip
+    result = {
+        "model": "lenet5",
+        "dataset": args.dataset,
+        "test_images": len(test),
+        "forward": rows,
+        "entry_points": entry_points,
+        "torch_threads": torch.get_num_threads(),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
         print(f"inference: batch {row['batch']:>4}  eager {row['eager_images_per_s']:>9,.0f} img/s  "

@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or BENCH / "results" / f"{name}.json"
     docs = args.docs or (None if args.quick else DOCS)
     budget = QUICK["budget"] if args.quick else args.budget
-    limits = ["--train-limit", str(QUICK["train_limit"]), "--test-limit", str(QUICK["test_limit"])] if args.quick else []
+    limits = []
+    if args.quick:
+        limits = ["--train-limit", str(QUICK["train_limit"]), "--test-limit", str(QUICK["test_limit"])]
 
     started = time.time()
     load_before = _load_average()
@@ -251,7 +253,8 @@ def markdown(results: dict) -> str:
             + f" | {result['epochs_to_target'] if reached is not None else '-'} | "
             f"{100 * result['final_test_accuracy']:.2f}%"
             + (" (budget)" if result["stopped_by_budget"] else "")
-            + f" | {result['peak_rss_mb']:.0f} MiB | {result.get('gflops', 0):.1f} ({100 * result.get('share_of_matmul', 0):.0f}%) |"
+            + f" | {result['peak_rss_mb']:.0f} MiB | {result.get('gflops', 0):.1f} "
+            f"({100 * result.get('share_of_matmul', 0):.0f}%) |"
         )
     lines += ["", f"| ratio | training throughput | time to {target} (speed-up) |", "|---|---:|---:|"]
     for name, ratio in results["ratios"].items():

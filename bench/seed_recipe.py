@@ -75,8 +75,11 @@ class ImageFileDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        pixels = self.images[index].numpy()
-        image = Image.fromarray(pixels[0], mode="L") if pixels.shape[0] == 1 else Image.fromarray(pixels.transpose(1, 2, 0))
+        pixels = self.images[index].numpy()  # (C, H, W) uint8
+        if pixels.shape[0] == 1:
+            image = Image.fromarray(pixels[0], mode="L")
+        else:
+            image = Image.fromarray(pixels.transpose(1, 2, 0))
         return to_tensor(image), int(self.labels[index])
 
 

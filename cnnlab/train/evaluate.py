@@ -13,8 +13,8 @@ from cnnlab.train.fastpath import fast_forward
 from cnnlab.train.metrics import ClassReport, confusion_matrix, per_class_report
 
 # No gradients are kept, so large batches cost little memory and save per-batch
-# overhead. On a CPU, 1024 is only fast on the channels-last path: plain
-# model(x) is slower per image at 1024 than at 256 (bench/fastpath.py).
+# overhead. On a CPU, 1024 is only fast on the fast path: plain model(x) is
+# slower per image at 1024 than at 256 (bench/inference.py).
 EVAL_BATCH_SIZE = 1024
 
 

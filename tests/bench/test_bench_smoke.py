@@ -37,8 +37,9 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
         assert contender["epochs"] and all(0 <= e["test_accuracy"] <= 1 for e in contender["epochs"])
         assert contender["peak_rss_mb"] > 0
     assert results["matmul"]["best_gflops"] > 0 and results["training_flops_per_image"] > 1e6
-    assert all(row["eager_images_per_s"] > 0 and row["cnnlab_images_per_s"] > 0 for row in results["inference"]["forward"])
-    assert all(row["max_abs_logit_difference"] < 1e-4 for row in results["inference"]["forward"])
+    for row in results["inference"]["forward"]:
+        assert row["eager_images_per_s"] > 0 and row["cnnlab_images_per_s"] > 0
+        assert row["max_abs_logit_difference"] < 1e-4
     assert results["machine"]["torch"] and results["date"] and "run.py" in results["command"]
 
     text = docs.read_text()
