@@ -13,7 +13,6 @@ resumes. `--engine manual` runs cnnlab's hand-written backprop instead (d).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from cnnlab.train.evaluate import evaluate
 from cnnlab.train.loop import fit
 from cnnlab.train.progress import Progress
 from cnnlab.train.rundir import RunDirectory
-from measure import Clock, Record, bench_splits
+from measure import Clock, Record, bench_splits, contender_parser
 
 
 class BudgetSpent(Exception):
@@ -60,15 +59,8 @@ class BenchProgress(Progress):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser = contender_parser(__doc__.splitlines()[0], None, "default: cnnlab's")
     parser.add_argument("--engine", choices=ENGINES, default="autograd")
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--train-limit", type=int)
-    parser.add_argument("--test-limit", type=int)
-    parser.add_argument("--budget", type=float, default=300.0, help="seconds of training at most")
-    parser.add_argument("--epochs", type=int, help="default: cnnlab's")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     splits = bench_splits(args.dataset, args.train_limit, args.test_limit, args.seed)

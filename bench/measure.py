@@ -19,6 +19,7 @@ per-batch recipes, the first batch) past the budget.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -35,6 +36,19 @@ from cnnlab.data.sources import DatasetSource, get_source, load_splits, register
 
 TARGET_ACCURACY = 0.90
 VAL_FRACTION = 0.1  # cnnlab's default; every contender trains on the same train split
+
+
+def contender_parser(description: str, epochs: int | None, epochs_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every contender script takes from bench/run.py."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--train-limit", type=int)
+    parser.add_argument("--test-limit", type=int)
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds of training at most")
+    parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
 
 
 def bench_source_name(dataset: str) -> str:

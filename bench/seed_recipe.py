@@ -16,10 +16,8 @@ asks for 200 epochs).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +26,7 @@ from PIL import Image
 from torch import nn, optim
 from torch.utils.data import DataLoader, Dataset
 
-from measure import Clock, Record, bench_splits, test_accuracy
+from measure import Clock, Record, bench_splits, contender_parser, test_accuracy
 
 BATCH_SIZE = 4
 EPOCHS = 200
@@ -84,15 +82,7 @@ class ImageFileDataset(Dataset):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--train-limit", type=int)
-    parser.add_argument("--test-limit", type=int)
-    parser.add_argument("--budget", type=float, default=300.0, help="seconds of training at most")
-    parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = contender_parser(__doc__.splitlines()[0], EPOCHS).parse_args(argv)
 
     torch.manual_seed(args.seed)
     splits = bench_splits(args.dataset, args.train_limit, args.test_limit, args.seed)
