@@ -1,12 +1,15 @@
-"""What each trick of cnnlab/train/fastpath.py buys, one at a time.
+"""What cnnlab/train/fastpath.py buys: the training step, and the pool alone.
 
 Times cnnlab's own training step (`AutogradEngine.train_step`, driven by the
 loop's `train_one_epoch`, per-batch data handling included) on LeNet-5 with
-Fashion-MNIST batches, adding the tricks one by one:
+Fashion-MNIST batches, two ways:
 
-    eager              model(x): cnnlab before the fast path
-    + channels-last    conv weights copied to channels-last, so activations are too
-    + pool before ReLU the full fast path: what `cnnlab train` runs
+    eager              model(x): PyTorch's max-pool and ReLU
+    fast path          tiling max-pools fused with their ReLU in compiled loops:
+                       what `cnnlab train` runs
+
+and, on the first pool's input (N, 6, 24, 24), ReLU + max-pool forward and
+backward: torch's kernels against `cnnlab.backprop.tiled_maxpool`.
 
 The variants take turns, `--rounds` times, each timing `--steps` steps of the
 same batches from the same starting weights; the median step of each turn,
@@ -42,7 +45,7 @@ from cnnlab.train.fastpath import fast_forward
 from cnnlab.train.loop import train_one_epoch
 from cnnlab.train.progress import Progress
 
-VARIANTS = ("eager", "+ channels-last", "+ pool before ReLU")
+VARIANTS = ("eager", "fast path")
 RESULTS = Path(__file__).parent / "results" / "fastpath.json"
 PROFILE = Path(__file__).parent / "results" / "fastpath_profile.json"
 
@@ -75,7 +78,7 @@ def ablation(batch_size: int, steps: int, rounds: int, dataset: str) -> list[dic
         model = create_model("lenet5", splits.image_shape, len(splits.classes))
         model.load_state_dict(initial)
         engine = AutogradEngine(model, config)
-        engine.forward = model if position == 0 else fast_forward(model, "cpu", True, position >= 2)
+        engine.forward = model if variant == "eager" else fast_forward(model)
         engines[variant] = engine
         train_one_epoch(engine, train, order, normalization, config, 0, steps, None, Progress(quiet=True))  # warm-up
     medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -104,8 +107,8 @@ GROUPS = (
     ("Optimizer.", "optimizer"),
     ("convolution_backward", "conv backward"),
     ("mkldnn_convolution", "conv forward"),
-    ("max_pool2d_with_indices_backward", "max-pool backward"),
-    ("max_pool2d", "max-pool forward"),
+    ("_TiledMaxPoolBackward", "max-pool + ReLU backward (compiled)"),
+    ("_TiledMaxPool", "max-pool + ReLU forward (compiled)"),
     ("threshold_backward", "ReLU"),
     ("relu", "ReLU"),
     ("addmm", "linear"),
@@ -118,8 +121,6 @@ GROUPS = (
     ("aten::stack", "gradient clipping"),
     ("aten::clamp", "gradient clipping"),
     ("aten::mul_", "gradient clipping"),
-    ("aten::to", "channels-last weight copies"),
-    ("ToCopyBackward", "channels-last weight copies"),
 )
 OUTSIDE_STEP = "batch: gather, normalize, loop"
 
@@ -133,8 +134,6 @@ def _classify(event) -> str:
         return OUTSIDE_STEP
     for fragment, group in GROUPS:
         if any(fragment in name for name in chain):
-            if group == "max-pool backward" and event.name in ("aten::fill_", "aten::zero_"):
-                return "max-pool backward: zero-fill"
             return group
     return "other (autograd engine, gradient accumulation, views)"
 
@@ -177,6 +176,43 @@ def profile(batch_size: int, steps: int, dataset: str) -> dict:
             "shares": shares}  # fmt: skip
 
 
+def pool_kernels(batch_size: int, repeats: int = 200) -> dict:
+    """Milliseconds for ReLU + 2x2 max-pool, forward and backward, on LeNet-5's first pool input."""
+    import torch.nn.functional as F
+
+    from cnnlab.backprop.tiled_maxpool import tiled_max_pool, tiled_max_pool_backward
+
+    x = torch.randn(batch_size, 6, 24, 24)  # (N, C, H, W): conv1's output
+    dout = torch.randn(batch_size, 6, 12, 12)
+    leaf = x.clone().requires_grad_()
+
+    def torch_forward():
+        return F.max_pool2d(F.relu(leaf), 2)
+
+    def torch_both():
+        torch_forward().backward(dout)
+        leaf.grad = None
+
+    switch = tiled_max_pool(x, (2, 2), relu=True)[1]
+    timings = {
+        "torch forward": lambda: torch_forward(),
+        "torch forward + backward": torch_both,
+        "compiled forward": lambda: tiled_max_pool(x, (2, 2), relu=True),
+        "compiled backward": lambda: tiled_max_pool_backward(dout, switch, (2, 2), x.shape),
+    }
+    result = {}
+    for name, work in timings.items():
+        work()
+        samples = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(repeats // 5):
+                work()
+            samples.append((time.perf_counter() - started) / (repeats // 5))
+        result[name] = round(1e3 * statistics.median(samples), 3)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="128,256", help="comma-separated")
@@ -198,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(f"batch {batch_size:>4}  {row['variant']:<20} {row['images_per_s']:>8,} img/s  "
                   f"x{row['speedup_vs_eager']}")  # fmt: skip
-        results.append({"batch_size": batch_size, "rows": rows})
+        pool = pool_kernels(batch_size)
+        print(f"batch {batch_size:>4}  ReLU + max-pool (ms): " + ", ".join(f"{k} {v}" for k, v in pool.items()))
+        results.append({"batch_size": batch_size, "rows": rows, "relu_max_pool_ms": pool})
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     summary = {
         "dataset": args.dataset,

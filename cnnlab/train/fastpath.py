@@ -1,35 +1,25 @@
 """A faster way to run a registered model on a CPU: the same numbers, less time.
 
 `fast_forward(model)` returns a function that computes `model(x)` (the same
-values and gradients, up to float rounding) for plain conv nets of the
-registry, using two tricks that PyTorch's CPU kernels reward. Both are
-measured, one at a time, by `bench/fastpath.py`; on a 2-core AVX-512 CPU,
-LeNet-5 trains about 1.2x faster with them at batch 128 to 512 (see
-docs/performance.md).
+values and gradients) for the registry's `nn.Sequential` models, with every
+max-pool whose windows tile the image (LeNet-5's and the CIFAR nets' 2x2,
+stride 2) run by cnnlab's compiled loops (`cnnlab.backprop.tiled_maxpool`)
+instead of PyTorch's kernel, and fused with the ReLU next to it:
 
-1. Channels-last activations. oneDNN's convolutions and PyTorch's max-pool
-   run faster on (N, H, W, C) memory than on (N, C, H, W). A 1-channel input
-   cannot say which layout it is in, so the layout is chosen through the
-   weights: each conv is called with its weight copied to channels-last
-   (a few thousand numbers), which makes its output channels-last, and the
-   layers after it keep that layout. The module's own parameters are never
-   changed, so checkpoints, the hand-written engine and every other reader
-   of the state_dict see ordinary contiguous tensors. Evaluation gains more
-   than training: about 2.3x at batch 1024, where the default layout is slowest.
+- relu(maxpool(x)) == maxpool(relu(x)), since ReLU is monotone, and the
+  gradients agree as well: both go to the first maximum of a window, and
+  nowhere when it is <= 0. So a ReLU right before or after such a pool is
+  folded into it: one pass over the conv's output forward, one backward.
+- PyTorch's CPU max-pool is slow at few channels (LeNet-5's first pool, batch
+  128: 1.3 ms forward, 0.4 ms more for a zero-fill and a scatter backward);
+  the loops take 0.07 + 0.13 ms. LeNet-5 trains ~1.5x faster on one thread
+  (`python bench/fastpath.py`).
 
-2. Max-pool before ReLU. relu(maxpool(x)) == maxpool(relu(x)) because ReLU
-   is monotone, and the gradients agree too: both send the gradient to the
-   first maximum of a window, and to nothing when that maximum is <= 0. Doing
-   the pool first runs the ReLU (forward and backward) on a quarter of the
-   numbers.
-
-The fast path takes plain conv nets only: an `nn.Sequential` of Conv2d,
-ReLU, MaxPool2d, Flatten, Linear and Dropout (lenet5, simple_cnn, cifar_cnn).
-Anything else (another device, batch norm, residual blocks) gets `model`
-itself back: PyTorch's channels-last batch norm accumulates in a less precise
-order (about 10x the rounding error of its default kernel), which a ResNet's
-backward amplifies into 1e-2 relative differences in some weight gradients.
-Forward hooks on the model or on its convolutions do not fire on this path.
+Every other layer runs as itself, and the module's parameters are never
+touched, so checkpoints, the hand-written engine and every reader of the
+state_dict see the ordinary model. Forward hooks on the model or on its pools
+and ReLUs do not fire on this path. Models with no such pool, and any device
+but the CPU, get `model` itself back.
 """
 
 from __future__ import annotations
@@ -37,32 +27,27 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from cnnlab.backprop.layer import pair
+from cnnlab.backprop.pool import MaxPool2d
+from cnnlab.backprop.tiled_maxpool import tiled_max_pool, tiled_max_pool_backward
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
-# Layers whose channels-last kernels give the default kernels' results up to rounding.
-_PLAIN_LAYERS = (nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear, nn.Dropout)
 
-
-def fast_forward(
-    model: nn.Module, device: torch.device | str = "cpu", channels_last: bool = True, pool_before_relu: bool = True
-) -> Forward:
+def fast_forward(model: nn.Module, device: torch.device | str = "cpu") -> Forward:
     """A function x -> logits equal to `model(x)`, faster on a CPU.
 
-    x: (N, C, H, W) float32 on `device`; returns (N, K) logits. The function reads
-    the model's layers and parameters at call time, so it stays valid while the
-    model trains, and follows the model's train()/eval() mode. The two flags
-    turn the tricks off one at a time, for bench/fastpath.py.
+    x: (N, C, H, W) float on `device`; returns (N, K) logits. The function calls
+    the model's own layers, so it stays valid while the model trains and follows
+    its train()/eval() mode.
     """
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or not isinstance(model, nn.Sequential):
         return model
-    if not isinstance(model, nn.Sequential) or not all(isinstance(layer, _PLAIN_LAYERS) for layer in model):
+    steps = _plan(list(model))
+    if not any(isinstance(step, _TiledPool) for step in steps):
         return model
-    if not any(isinstance(layer, nn.Conv2d) for layer in model) or not (channels_last or pool_before_relu):
-        return model
-    steps = _plan(list(model), channels_last, pool_before_relu)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         for step in steps:
@@ -72,33 +57,55 @@ def fast_forward(
     return forward
 
 
-def _plan(layers: list[nn.Module], channels_last: bool, pool_before_relu: bool) -> list[Forward]:
-    """The layers in the order they run: ReLU -> MaxPool2d pairs swapped, convs channels-last."""
+def tiles(pool: nn.Module) -> bool:
+    """Whether `pool` is a max-pool whose windows cut the image into disjoint tiles."""
+    return isinstance(pool, nn.MaxPool2d) and not pool.return_indices and MaxPool2d.from_torch(pool, "").tiles()
+
+
+class _TiledPool:
+    """A tiling max-pool, with the ReLU beside it folded in when `relu`; `layers` are the modules it replaces."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        self.layers = layers
+        pool = next(layer for layer in layers if isinstance(layer, nn.MaxPool2d))
+        self.kernel, self.relu = pair(pool.kernel_size), len(layers) == 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.float64):  # the compiled loops take these two
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        return _TiledMaxPool.apply(x, self.kernel, self.relu)
+
+
+class _TiledMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, kernel: tuple[int, int], relu: bool) -> torch.Tensor:
+        """x: (N, C, H, W) -> (N, C, H // kh, W // kw)."""
+        y, switch = tiled_max_pool(x, kernel, relu)
+        ctx.save_for_backward(switch)
+        ctx.kernel, ctx.in_shape = kernel, x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (switch,) = ctx.saved_tensors
+        return tiled_max_pool_backward(dout, switch, ctx.kernel, ctx.in_shape), None, None
+
+
+def _plan(layers: list[nn.Module]) -> list[Forward]:
+    """The layers in the order they run, tiling pools (and a ReLU on either side) replaced."""
     steps: list[Forward] = []
     i = 0
     while i < len(layers):
-        layer = layers[i]
-        following = layers[i + 1] if i + 1 < len(layers) else None
-        if pool_before_relu and isinstance(layer, nn.ReLU) and isinstance(following, nn.MaxPool2d):
-            steps += [following, layer]
+        layer, following = layers[i], layers[i + 1] if i + 1 < len(layers) else None
+        if isinstance(layer, nn.ReLU) and tiles(following) or tiles(layer) and isinstance(following, nn.ReLU):
+            steps.append(_TiledPool([layer, following]))
             i += 2
-            continue
-        steps.append(_channels_last_conv(layer) if channels_last and _plain_conv(layer) else layer)
-        i += 1
+        elif tiles(layer):
+            steps.append(_TiledPool([layer]))
+            i += 1
+        else:
+            steps.append(layer)
+            i += 1
     return steps
-
-
-def _plain_conv(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros"
-
-
-def _channels_last_conv(conv: nn.Conv2d) -> Forward:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        # .to() rather than .contiguous(): a 1-channel weight already counts as
-        # channels-last, and .contiguous() would hand it back unchanged. The copy
-        # is differentiable; the gradient returns in the parameter's own layout.
-        weight = conv.weight.to(memory_format=torch.channels_last)
-        return F.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-    return forward
-
