@@ -4,7 +4,7 @@ The whole training split is normalized once and held in memory as one float32
 tensor; a batch is a slice of a shuffled index. Same LeNet-5 as cnnlab (built
 by cnnlab's registry: plain torch layers, same initialisation), batch 256,
 SGD with Nesterov momentum 0.9 and weight decay 5e-4, torch's OneCycleLR,
-10 epochs. No channels-last, no reordered layers, default allocator: what a
+10 epochs. PyTorch's own layers, no fused kernels, default allocator: what a
 careful PyTorch user writes first.
 
     python bench/plain_loop.py --out result.json [--budget 300] [--dataset fashion-mnist]

@@ -51,6 +51,14 @@ def tiled_max_pool_backward(dout: torch.Tensor, switch: torch.Tensor, kernel: tu
     return dx
 
 
+def _compiled(loops):
+    """`loops` compiled by numba, with the machine code cached on disk where a cache folder is writable."""
+    try:
+        return njit(cache=True, nogil=True)(loops)
+    except RuntimeError:  # no writable place for the cache (a read-only install): compile in memory
+        return njit(nogil=True)(loops)
+
+
 @functools.cache
 def _kernels(kh: int, kw: int):
     """The compiled (forward, backward) loops for kh x kw windows.
@@ -67,7 +75,7 @@ def _kernels(kh: int, kw: int):
     the kernels safe to call from several threads at once (nogil).
     """
 
-    @njit(cache=True, nogil=True)
+    @_compiled
     def forward(x, relu, y, switch):  # pragma: no cover - compiled; tested through its callers
         n, c, _, _ = x.shape
         _, _, oh, ow = y.shape
@@ -87,7 +95,7 @@ def _kernels(kh: int, kw: int):
                     y[i, j, p, q] = best
                     switch[i, j, p, q] = where
 
-    @njit(cache=True, nogil=True)
+    @_compiled
     def backward(dout, switch, dx):  # pragma: no cover - compiled; tested through its callers
         n, c, h, w = dx.shape
         _, _, oh, ow = dout.shape

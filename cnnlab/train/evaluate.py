@@ -12,10 +12,10 @@ from cnnlab.data.dataset import ImageDataset, Normalization
 from cnnlab.train.fastpath import fast_forward
 from cnnlab.train.metrics import ClassReport, confusion_matrix, per_class_report
 
-# No gradients are kept, so large batches cost little memory and save per-batch
-# overhead. On a CPU, 1024 is only fast on the fast path: plain model(x) is
-# slower per image at 1024 than at 256 (bench/inference.py).
-EVAL_BATCH_SIZE = 1024
+# No gradients are kept, so a large batch costs little memory and saves per-batch
+# overhead, up to a point: on a CPU LeNet-5's forward is fastest at 256-512 images
+# and ~2x slower per image at 1024, fast path or not (bench/inference.py).
+EVAL_BATCH_SIZE = 512
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ def test_fast_forward_matches_the_model_in_values_and_gradients(name, in_shape):
     assert torch.equal(logits, model(x))
     for key, param in model.named_parameters():
         assert torch.equal(param.grad, expected[key]), key
+    with torch.inference_mode():  # the path evaluation and prediction take: no autograd.Function
+        assert torch.equal(fast_forward(model)(x), model(x))
 
 
 def test_fast_forward_leaves_parameters_and_state_dict_as_they_were():
