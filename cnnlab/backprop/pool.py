@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.backprop.layer import Layer, pair
-from cnnlab.backprop.tiled_maxpool import tiled_max_pool, tiled_max_pool_backward
+from cnnlab.backprop.tiled_maxpool import NO_SWITCH, tiled_max_pool, tiled_max_pool_backward
 from cnnlab.errors import CnnlabError
 
 
@@ -74,9 +74,12 @@ class MaxPool2d(Layer):
         return dx.view(n, c, h, w)
 
     def tiles(self) -> bool:
-        """Whether the windows are disjoint tiles: stride = kernel, no padding or dilation, floor mode."""
+        """Whether the windows are disjoint tiles: stride = kernel, no padding or dilation, floor mode.
+
+        (And fewer than NO_SWITCH positions per window, so that a byte can say which one won.)
+        """
         return (self.stride == self.kernel_size and self.padding == (0, 0) and self.dilation == (1, 1)
-                and not self.ceil_mode)  # fmt: skip
+                and not self.ceil_mode and self.kernel_size[0] * self.kernel_size[1] < NO_SWITCH)  # fmt: skip
 
 
 class AvgPool2d(Layer):

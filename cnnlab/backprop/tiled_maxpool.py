@@ -43,7 +43,9 @@ def tiled_max_pool(x: torch.Tensor, kernel: tuple[int, int], relu: bool) -> tupl
     return y, switch
 
 
-def tiled_max_pool_backward(dout: torch.Tensor, switch: torch.Tensor, kernel: tuple[int, int], in_shape) -> torch.Tensor:
+def tiled_max_pool_backward(
+    dout: torch.Tensor, switch: torch.Tensor, kernel: tuple[int, int], in_shape: torch.Size
+) -> torch.Tensor:
     """dout, switch: (N, C, OH, OW) -> dx: (N, C, H, W) = `in_shape`."""
     dout = dout.detach().contiguous()
     dx = dout.new_empty(in_shape)

@@ -73,6 +73,8 @@ def test_models_without_convolutions_other_layers_or_devices_get_the_model_back(
     assert fast_forward(normalized) is normalized
     overlapping = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(3, stride=2))
     assert fast_forward(overlapping) is overlapping
+    too_many_positions = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.MaxPool2d(16))  # 256 > one byte
+    assert fast_forward(too_many_positions) is too_many_positions
     lenet = create_model("lenet5", (1, 28, 28), 10)
     assert fast_forward(lenet) is not lenet
 
