@@ -1,14 +1,15 @@
 """Max-pooling over windows that tile the image, optionally fused with a ReLU, as compiled loops.
 
 The pools of LeNet-5 and the CIFAR nets (2x2, stride 2) cut each (H, W) plane
-into disjoint windows. For those, one pass over the input finds every window's
+into disjoint windows. For those, the forward pass lays the windows' positions
+out as planes (one strided copy), then one flat pass finds every window's
 maximum and remembers which of its positions held it (the "switch", a byte
 per output); the backward pass writes each input's gradient exactly once: the
 output's gradient where the switch points, zero elsewhere. PyTorch's CPU
 kernels do the same work in three passes (max with int64 indices, zero-fill,
 scatter) and are slowest at few channels: on LeNet-5's first pool (batch 128,
-6 x 24 x 24, one thread) they take 1.7 ms forward + backward, these loops
-0.3 ms (`python bench/fastpath.py`).
+6 x 24 x 24) they take 1.3-1.8 ms forward + backward, this module 0.5 ms
+(`python bench/fastpath.py`).
 
 `relu=True` also applies the ReLU, which commutes with max-pooling: the output
 is max(0, window maximum), and a window whose maximum is <= 0 sends no
@@ -35,11 +36,19 @@ def tiled_max_pool(x: torch.Tensor, kernel: tuple[int, int], relu: bool) -> tupl
     y = max over each kh x kw window (then max(0, .) if `relu`); switch (uint8) = the
     window position i * kw + j of the maximum, NO_SWITCH where no gradient flows.
     """
-    x = x.detach().contiguous()
+    x = x.detach()
     (kh, kw), (n, c, h, w) = kernel, x.shape
-    y = x.new_empty(n, c, h // kh, w // kw)
+    oh, ow = h // kh, w // kw
+    # (kh * kw, N * C * OH * OW): plane k holds position k of every window. One strided copy
+    # (PyTorch's, multithreaded) makes the selection below a flat loop over long contiguous
+    # rows, which LLVM vectorizes whatever the CPU; a loop over each image row's few windows
+    # (12 for LeNet-5's first pool) stayed scalar and branchy on some CPUs and ran 8x slower.
+    windows = x[:, :, : oh * kh, : ow * kw].view(n, c, oh, kh, ow, kw)
+    positions = x.new_empty(kh, kw, n, c, oh, ow)
+    positions.copy_(windows.permute(3, 5, 0, 1, 2, 4))
+    y = x.new_empty(n, c, oh, ow)
     switch = torch.empty(y.shape, dtype=torch.uint8)
-    _kernels(kh, kw)[0](x.numpy(), relu, y.numpy(), switch.numpy())
+    _kernels(kh, kw)[0](positions.view(kh * kw, -1).numpy(), relu, y.view(-1).numpy(), switch.view(-1).numpy())
     return y, switch
 
 
@@ -66,36 +75,31 @@ def _kernels(kh: int, kw: int):
     """The compiled (forward, backward) loops for kh x kw windows.
 
     The window size is a constant of the compiled code, not an argument: with it fixed,
-    LLVM unrolls and vectorizes the window loops, which makes the 2x2 forward 10x faster
-    than the same loops over a run-time size. With `cache=True` the machine code is kept
+    LLVM unrolls the window loops and vectorizes the loop around them. With `cache=True` the machine code is kept
     on disk per window size, so only the first use on a machine pays the compilation
     (~1 s per kernel).
 
-    The loops run on the calling thread. numba's parallel loops would halve the ~0.2 ms
-    a LeNet-5 step spends here, but their worker threads spin between calls, taking a
+    The loops run on the calling thread. numba's parallel loops would halve the ~0.3 ms
+    a LeNet-5 step (batch 128) spends here, but their worker threads spin between calls, taking a
     core from PyTorch's own threads for the rest of the step; serial loops also leave
     the kernels safe to call from several threads at once (nogil).
     """
 
     @_compiled
-    def forward(x, relu, y, switch):  # pragma: no cover - compiled; tested through its callers
-        n, c, _, _ = x.shape
-        _, _, oh, ow = y.shape
-        for plane in range(n * c):
-            i, j = plane // c, plane % c
-            for p in range(oh):
-                for q in range(ow):
-                    best = x[i, j, p * kh, q * kw]
-                    where = 0
-                    for a in range(kh):
-                        for b in range(kw):
-                            v = x[i, j, p * kh + a, q * kw + b]
-                            if v > best or (v != v and best == best):  # a NaN wins, as in torch
-                                best, where = v, a * kw + b
-                    if relu and not (best > 0 or best != best):
-                        best, where = 0, NO_SWITCH
-                    y[i, j, p, q] = best
-                    switch[i, j, p, q] = where
+    def forward(positions, relu, y, switch):  # pragma: no cover - compiled; tested through its callers
+        # positions: (kh * kw, M) window positions in row-major order; y, switch: (M,)
+        for o in range(y.size):
+            best = positions[0, o]
+            where = 0
+            for k in range(1, kh * kw):
+                v = positions[k, o]
+                # Selects, not branches: the first maximum wins, a NaN wins over numbers (as in torch).
+                take = (v > best) | ((v != v) & (best == best))
+                best = v if take else best
+                where = k if take else where
+            cut = relu & ~((best > 0) | (best != best))  # the ReLU: no gradient through a maximum <= 0
+            y[o] = 0 if cut else best
+            switch[o] = NO_SWITCH if cut else where
 
     @_compiled
     def backward(dout, switch, dx):  # pragma: no cover - compiled; tested through its callers
