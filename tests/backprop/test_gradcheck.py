@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cnnlab.backprop.activations import ReLU
-from cnnlab.backprop.gradcheck import check_model, check_sequential
+from cnnlab.backprop.gradcheck import KINK_PROBE, check_model, check_sequential, finite_difference_errors
 from cnnlab.backprop.pool import MaxPool2d
 from cnnlab.cli import main
 from cnnlab.models import all_models
@@ -69,3 +69,20 @@ def test_residual_blocks_pass_the_gradient_check(resnet):
     assert report.passed, report.table()
     residual_rows = [row for row in report.rows if row.layer.endswith("Residual")]
     assert len(residual_rows) == 3 and all(row.fd_points > 0 for row in residual_rows)
+
+
+def test_kinks_are_skipped_but_sharp_curvature_is_compared():
+    generator = torch.Generator().manual_seed(0)
+    # |t| with t a third of the kink probe from its kink: the central difference is exact, the
+    # wide probe straddles the kink, so the point is skipped, never judged.
+    t = torch.tensor([KINK_PROBE / 3], dtype=torch.float64)
+    errors = finite_difference_errors(lambda: float(t.abs().sum()), {"t": t}, {"t": torch.ones(1)}, 1, generator)
+    assert errors[2:] == (0, 1)
+    # 500 t^2 at t = 1e-3: a small slope (1) under a large curvature (1000), as batch norm over
+    # a few values has: smooth, so compared (it used to be skipped as a kink).
+    t = torch.tensor([1e-3], dtype=torch.float64)
+    grad = {"t": torch.tensor([1.0], dtype=torch.float64)}
+    _, worst_rel, compared, skipped = finite_difference_errors(
+        lambda: float(500 * t.pow(2).sum()), {"t": t}, grad, 1, generator
+    )
+    assert (compared, skipped) == (1, 0) and worst_rel < 1e-6
