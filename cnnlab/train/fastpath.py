@@ -9,11 +9,12 @@ instead of PyTorch's kernel, and fused with the ReLU next to it:
 - relu(maxpool(x)) == maxpool(relu(x)), since ReLU is monotone, and the
   gradients agree as well: both go to the first maximum of a window, and
   nowhere when it is <= 0. So a ReLU right before or after such a pool is
-  folded into it: one pass over the conv's output forward, one backward.
+  folded into it: one copy and one flat pass forward, one pass backward.
 - PyTorch's CPU max-pool is slow at few channels (LeNet-5's first pool, batch
-  128: 1.3 ms forward, 0.4 ms more for a zero-fill and a scatter backward);
-  the loops take 0.07 + 0.13 ms. LeNet-5 trains ~1.5x faster than eager on
-  one thread and 1.15-1.26x on two (`python bench/fastpath.py`).
+  128: 1.3-2.2 ms forward, 0.5 ms more for a zero-fill and a scatter
+  backward); cnnlab's take 0.3 + 0.2 ms. LeNet-5 trains x1.1-1.26 faster than
+  eager on two threads, depending on the CPU and the batch, and ~1.5x on one
+  (`python bench/fastpath.py`).
 
 Every other layer runs as itself, and the module's parameters are never
 touched, so checkpoints, the hand-written engine and every reader of the
