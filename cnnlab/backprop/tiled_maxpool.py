@@ -44,8 +44,7 @@ def tiled_max_pool(x: torch.Tensor, kernel: tuple[int, int], relu: bool) -> tupl
     # rows, which LLVM vectorizes whatever the CPU; a loop over each image row's few windows
     # (12 for LeNet-5's first pool) stayed scalar and branchy on some CPUs and ran 8x slower.
     windows = x[:, :, : oh * kh, : ow * kw].view(n, c, oh, kh, ow, kw)
-    positions = x.new_empty(kh, kw, n, c, oh, ow)
-    positions.copy_(windows.permute(3, 5, 0, 1, 2, 4))
+    positions = windows.permute(3, 5, 0, 1, 2, 4).contiguous()  # (kh, kw, N, C, OH, OW)
     y = x.new_empty(n, c, oh, ow)
     switch = torch.empty(y.shape, dtype=torch.uint8)
     _kernels(kh, kw)[0](positions.view(kh * kw, -1).numpy(), relu, y.view(-1).numpy(), switch.view(-1).numpy())
@@ -75,14 +74,14 @@ def _kernels(kh: int, kw: int):
     """The compiled (forward, backward) loops for kh x kw windows.
 
     The window size is a constant of the compiled code, not an argument: with it fixed,
-    LLVM unrolls the window loops and vectorizes the loop around them. With `cache=True` the machine code is kept
-    on disk per window size, so only the first use on a machine pays the compilation
-    (~1 s per kernel).
+    LLVM unrolls the window loops and vectorizes the loop around them. With `cache=True`
+    the machine code is kept on disk per window size, so only the first use on a machine
+    pays the compilation (~1 s per kernel).
 
-    The loops run on the calling thread. numba's parallel loops would halve the ~0.3 ms
-    a LeNet-5 step (batch 128) spends here, but their worker threads spin between calls, taking a
-    core from PyTorch's own threads for the rest of the step; serial loops also leave
-    the kernels safe to call from several threads at once (nogil).
+    The loops run on the calling thread. numba's parallel loops would halve the ~0.3 ms a
+    LeNet-5 step (batch 128) spends in them, but their worker threads spin between calls,
+    taking a core from PyTorch's own threads for the rest of the step; serial loops also
+    leave the kernels safe to call from several threads at once (nogil).
     """
 
     @_compiled
