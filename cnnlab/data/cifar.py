@@ -297,7 +297,8 @@ def _read_from_archive(path: Path, names: tuple[str, ...]) -> dict[str, _File]:
         raise
     except FileNotFoundError:
         raise CnnlabError(f"{path} does not exist") from None
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error, TypeError) as exc:
+        # TypeError: Python's stream reader calls ord() on the empty read of a gzip header cut short.
         raise CnnlabError(
             f"cannot read {path} ({exc}): the archive is corrupt or truncated, download it again"
         ) from None
