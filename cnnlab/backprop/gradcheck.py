@@ -37,6 +37,10 @@ STEP = 1e-6  # h: small enough for the O(h^2) error, large enough for float64 ro
 KINK_PROBE = 1e-4  # H: the wider step that looks for kinks
 KINK_SLOPE_JUMP = 1e-2  # a second difference / H above this share of the gradient's scale is a kink
 SCALE_FLOOR = 1e-2  # relative errors of gradients smaller than this are taken against it
+# f's own rounding, ~ulps * eps * |f| per evaluation, reaches a central difference divided by
+# 2h: at |f| = 30 that is ~1e-8, above FINITE_DIFFERENCE_TOLERANCE * SCALE_FLOOR. A gradient
+# is judged against at least the scale at which that noise stays within the tolerance.
+ROUNDING_ULPS = 8
 LABEL_SMOOTHING = 0.1  # the loss row checks smoothing too
 
 
@@ -219,6 +223,8 @@ def finite_difference_errors(
     worst_abs = worst_rel = 0.0
     compared = skipped = 0
     f0 = f()
+    rounding = ROUNDING_ULPS * torch.finfo(torch.float64).eps * abs(f0) / (2 * STEP)
+    floor = max(SCALE_FLOOR, rounding / FINITE_DIFFERENCE_TOLERANCE)
     for name, t in tensors.items():
         if grads.get(name) is None or grads[name].shape != t.shape:
             return float("inf"), float("inf"), compared, skipped
@@ -239,7 +245,7 @@ def finite_difference_errors(
             hand_written.append(float(g[i]))
         if estimates:
             a, b = torch.tensor(hand_written), torch.tensor(estimates)
-            error_abs, error_rel = _errors(a, b)
+            error_abs, error_rel = _errors(a, b, floor)
             worst_abs, worst_rel = max(worst_abs, error_abs), max(worst_rel, error_rel)
             compared += len(estimates)
     return worst_abs, worst_rel, compared, skipped
@@ -266,11 +272,11 @@ def _worst_errors(grads: dict[str, torch.Tensor], reference: dict[str, torch.Ten
     return max(e[0] for e in errors), max(e[1] for e in errors)
 
 
-def _errors(a: torch.Tensor | None, b: torch.Tensor) -> tuple[float, float]:
+def _errors(a: torch.Tensor | None, b: torch.Tensor, floor: float = SCALE_FLOOR) -> tuple[float, float]:
     """(max |a - b|, max |a - b| / max(max |a|, max |b|, floor)); a missing gradient is infinitely wrong."""
     if a is None or a.shape != b.shape:
         return float("inf"), float("inf")
     if not a.numel():
         return 0.0, 0.0
     error = float((a - b).abs().max())
-    return error, error / max(float(a.abs().max()), float(b.abs().max()), SCALE_FLOOR)
+    return error, error / max(float(a.abs().max()), float(b.abs().max()), floor)

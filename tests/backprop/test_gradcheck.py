@@ -86,3 +86,25 @@ def test_kinks_are_skipped_but_sharp_curvature_is_compared():
         lambda: float(500 * t.pow(2).sum()), {"t": t}, grad, 1, generator
     )
     assert (compared, skipped) == (1, 0) and worst_rel < 1e-6
+
+
+def test_rounding_of_a_large_loss_is_not_a_gradient_error():
+    # Batch norm's input gradients can be ~1e-4 while the checked sum is ~100: a central
+    # difference of such an f carries ~3e-8 of rounding, 3e-6 of SCALE_FLOOR (hypothesis found
+    # a sum of 30 failing at 1.4e-6).
+    x = torch.tensor([-2.3104, -0.3733, -1.0608, 0.9995, -0.8840, -1.2755, -0.6232, -0.8664, -1.2956, 1.5236, 0.3237,
+                      2.0177, 1.1357, -1.2269, 0.0714, 0.3380, 0.1535, -0.6333, -1.2609, -0.7270, -0.0200, 0.2103,
+                      0.1772, -0.8305, 1.0112, -0.2427, -0.7730, -1.5952, -0.6870, 1.4881, -0.4484, -0.8910],
+                     dtype=torch.float64).view(2, 1, 4, 4)  # fmt: skip
+    norm = torch.nn.BatchNorm2d(1, track_running_stats=False).double()
+    dout = 4 * torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    leaf = x.clone().requires_grad_()
+    (norm(leaf) * dout).sum().backward()
+    f = lambda: float((norm(x) * dout).sum())  # noqa: E731
+    assert abs(f()) > 100 and float(leaf.grad.abs().max()) < 1e-3
+    generator = torch.Generator().manual_seed(0)
+    _, worst_rel, compared, _ = finite_difference_errors(f, {"x": x}, {"x": leaf.grad}, 32, generator)
+    assert compared == 32 and worst_rel < 1e-6
+    # The allowance is rounding's, no more: a gradient off by 1e-6 of the loss's scale still fails.
+    off = {"x": leaf.grad + 3e-7 * torch.sign(leaf.grad)}
+    assert finite_difference_errors(f, {"x": x}, off, 32, generator)[1] > 1e-6
