@@ -1,8 +1,9 @@
 """Contenders (c) and (d): `cnnlab train` with its default recipe, through the package API.
 
-Calls `cnnlab.train.loop.fit` with a default `TrainConfig` (only the dataset,
-device, seed and run folder are set), exactly what `cnnlab train --dataset
-fashion-mnist --device cpu` runs, including its per-epoch validation and
+Calls `cnnlab.train.loop.fit` with the config `cnnlab train --dataset
+fashion-mnist --device cpu` resolves (defaults, then the tuned recipe for
+LeNet-5 on the dataset; only the dataset, device, seed and run folder are
+set), exactly what that command runs, including its per-epoch validation and
 checkpoints. The bench watches through the `Progress` that fit reports to:
 the clock starts when fit announces the training (data and model ready), and
 after each epoch the bench pauses it, tests the epoch's checkpoint, and
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.config import ENGINES, TrainConfig
+from cnnlab.config import ENGINES, resolve_config
 from cnnlab.data.dataset import ImageDataset
 from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.train.evaluate import evaluate
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     # fit reads the data itself; keeping only the test split here leaves the peak memory fit's own.
     source, test, train_images = splits.name, splits.test, len(splits.train)
     del splits
-    config = TrainConfig(dataset=source, device="cpu", seed=args.seed, engine=args.engine)
-    if args.epochs:
-        config.epochs = args.epochs
+    given = {"dataset": args.dataset, "device": "cpu", "seed": args.seed, "engine": args.engine}
+    config = resolve_config(given, {"epochs": args.epochs} if args.epochs else {})
+    config.dataset = source  # the recipe is the dataset's; its images come through the bench's source
     config.validate()
     optim = config.optim
     name = "cnnlab train" if args.engine == "autograd" else "cnnlab --engine manual"

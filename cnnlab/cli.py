@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cnnlab import __version__
-from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, TrainConfig, load_yaml_config
+from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, TrainConfig, load_yaml_config, recipe_for, resolve_config
 from cnnlab.errors import CnnlabError
 
 EXIT_USAGE = 2
@@ -135,19 +135,25 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         run = RunDirectory.open(args.resume)
         checkpoint = load_checkpoint(run.checkpoints / "last.pt")
-        config = TrainConfig.from_dict(checkpoint.config or {}, origin=str(run.path))
-        given = {dest for _, dest, _ in _TRAIN_FLAGS if hasattr(args, dest)}
-        if given - {"epochs", "device"}:
+        flags = _flag_options(args)
+        if flags.keys() - {"epochs", "device"}:
             raise CnnlabError("--resume continues a run with its saved options; only --epochs and --device may change")
-        _apply_flags(config, args)
+        # The saved config names every option, so no recipe reaches into it.
+        config = resolve_config(checkpoint.config or {}, flags, origin=str(run.path))
         config.validate()
         if config.epochs <= checkpoint.epoch:
             raise CnnlabError(f"{run.path} already has {checkpoint.epoch} epochs: pass --epochs N with N > {checkpoint.epoch}")
         result = fit(config, run, progress, resume=checkpoint)
     else:
-        config = TrainConfig.from_dict(load_yaml_config(args.config), origin=str(args.config)) if args.config else TrainConfig()
-        _apply_flags(config, args)
+        file_options = load_yaml_config(args.config) if args.config else {}
+        TrainConfig.from_dict(file_options, origin=str(args.config))  # its mistakes, named with the file's name
+        config = resolve_config(file_options, _flag_options(args))
         config.validate()
+        recipe = recipe_for(config.model, config.dataset)
+        if recipe:
+            progress.message(
+                f"tuned recipe for {config.model} on {config.dataset}: {_dotted(recipe)} (flags and --config override it)"
+            )
         name = config.name or f"{config.model}-{config.dataset.replace(':', '_').replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
         run = RunDirectory.create(Path(config.runs_dir) / name, overwrite=args.overwrite)
         result = fit(config, run, progress)
@@ -264,11 +270,22 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"cnnlab: warning: {message}", file=sys.stderr)
 
 
-def _apply_flags(config: TrainConfig, args: argparse.Namespace) -> None:
+def _flag_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The train flags given on the command line, nested as in a config file: {"optim": {"lr": 0.1}}."""
+    options: dict[str, Any] = {}
     for _, dest, _ in _TRAIN_FLAGS:
         if hasattr(args, dest):
-            target, _, field = dest.rpartition(".")
-            setattr(getattr(config, target) if target else config, field, getattr(args, dest))
+            section, _, field = dest.rpartition(".")
+            (options.setdefault(section, {}) if section else options)[field] = getattr(args, dest)
+    return options
+
+
+def _dotted(options: dict[str, Any], prefix: str = "") -> str:
+    """{"epochs": 12, "optim": {"lr": 0.15}} -> "epochs=12, optim.lr=0.15"."""
+    return ", ".join(
+        _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else f"{prefix}{key}={value}"
+        for key, value in options.items()
+    )
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:

@@ -1,8 +1,9 @@
 """Run configuration: dataclasses with defaults, validated once where they enter.
 
-A `TrainConfig` comes from defaults, then an optional YAML file, then command
-line flags, in that order; `validate()` runs once on the result, and the code
-below it receives typed values only.
+A `TrainConfig` comes from defaults, then the tuned recipe for its model and
+dataset (if there is one), then an optional YAML file, then command line
+flags, in that order (`resolve_config`); `validate()` runs once on the result,
+and the code below it receives typed values only.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     epochs: int = 10
-    batch_size: int = 128  # fastest to 90% on Fashion-MNIST: 256 runs ~1.2x faster but needs 10-11 epochs
+    batch_size: int = 128  # small datasets need the steps (digits: 11 an epoch); RECIPES raise it where they can
     val_fraction: float = 0.1
     label_smoothing: float = 0.0
     seed: int = 0
@@ -139,6 +140,42 @@ class TrainConfig:
         config = _dataclass_from(cls, data, origin)
         config.optim, config.augment = optim, augment
         return config
+
+
+# Tuned starting points: the options a (model, dataset) pair gets on top of the
+# defaults, before a config file and flags. The defaults serve every dataset, from
+# digits' 1,300 training images up; a large dataset trains faster per image at a
+# larger batch. docs/performance.md has the measurements behind each entry.
+RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    ("lenet5", "fashion-mnist"): {"batch_size": 256, "epochs": 12, "optim": {"lr": 0.15}},
+}
+
+
+def resolve_config(*layers: dict[str, Any], origin: str = "config") -> TrainConfig:
+    """Defaults, then the recipe for the model and dataset the layers name, then each layer in turn.
+
+    Layers are nested dicts as in a YAML config file ({"optim": {"lr": 0.1}}); a later
+    layer's values win. The result is not validated yet.
+    """
+    given: dict[str, Any] = {}
+    for layer in layers:
+        given = _merged(given, layer)
+    recipe = recipe_for(given.get("model", TrainConfig.model), given.get("dataset", TrainConfig.dataset))
+    return TrainConfig.from_dict(_merged(recipe, given), origin)
+
+
+def recipe_for(model: str, dataset: str) -> dict[str, Any]:
+    """The tuned options for training `model` on `dataset`; {} where the defaults are the recipe."""
+    return RECIPES.get((model, dataset), {})
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `top`'s values over it, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        both_nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _merged(merged[key], value) if both_nested else value
+    return merged
 
 
 def load_yaml_config(path: Path) -> dict[str, Any]:

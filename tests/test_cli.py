@@ -6,9 +6,11 @@ import sys
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from cnnlab.cli import main
+from cnnlab.config import RECIPES
 from cnnlab.data.digits import load_digits_splits
 from cnnlab.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import write_mnist_folder
@@ -91,6 +93,22 @@ def test_config_file_with_flags_overriding_it(tmp_path, capsys):
     assert main(["train", "--config", str(config), "--epochs", "1", "--runs-dir", str(tmp_path), "--name", "c"]) == 0
     saved = (tmp_path / "c" / "config.yaml").read_text()
     assert "epochs: 1" in saved and "batch_size: 64" in saved and "lr: 0.02" in saved and "schedule: cosine" in saved
+
+
+def test_a_tuned_recipe_is_announced_and_yields_to_the_config_file_and_flags(tmp_path, capsys):
+    write_mnist_folder(tmp_path / "data" / "fashion-mnist", n_train=40, n_test=10)
+    common = ["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path)]
+    assert main([*common, "--epochs", "1", "--name", "tuned"]) == 0
+    out = capsys.readouterr().out
+    assert "tuned recipe for lenet5 on fashion-mnist: batch_size=256" in out
+    saved = yaml.safe_load((tmp_path / "tuned" / "config.yaml").read_text())
+    recipe = RECIPES[("lenet5", "fashion-mnist")]
+    assert saved["batch_size"] == recipe["batch_size"] and saved["optim"]["lr"] == recipe["optim"]["lr"]
+    assert saved["epochs"] == 1  # the flag
+    (tmp_path / "mine.yaml").write_text("batch_size: 16\n")
+    assert main([*common, "--config", str(tmp_path / "mine.yaml"), "--epochs", "1", "--lr", "0.01", "--name", "mine"]) == 0
+    saved = yaml.safe_load((tmp_path / "mine" / "config.yaml").read_text())
+    assert (saved["batch_size"], saved["optim"]["lr"], saved["optim"]["momentum"]) == (16, 0.01, 0.9)
 
 
 def test_training_on_a_hand_built_mnist_folder(mnist_root, tmp_path, capsys):

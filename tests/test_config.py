@@ -1,0 +1,40 @@
+"""How a run's options are resolved: defaults, then the tuned recipe, then a config file, then flags."""
+
+import pytest
+
+from cnnlab.config import RECIPES, TrainConfig, recipe_for, resolve_config
+from cnnlab.errors import CnnlabError
+
+
+def test_a_recipe_applies_to_its_model_and_dataset_only():
+    tuned = resolve_config({"dataset": "fashion-mnist"})
+    assert (tuned.batch_size, tuned.epochs, tuned.optim.lr) == (256, 12, 0.15)
+    assert tuned.optim.momentum == TrainConfig().optim.momentum  # the rest of its section stays default
+    for other in ({"dataset": "digits"}, {"dataset": "fashion-mnist", "model": "simple_cnn"}, {}):
+        config = resolve_config(other)
+        assert (config.batch_size, config.epochs, config.optim.lr) == (128, 10, 0.1), other
+
+
+def test_later_layers_override_the_recipe_key_by_key():
+    file_options = {"dataset": "fashion-mnist", "optim": {"lr": 0.05, "schedule": "cosine"}}
+    flags = {"batch_size": 64, "optim": {"schedule": "step"}}
+    config = resolve_config(file_options, flags)
+    assert config.batch_size == 64  # the flag, over the recipe's 256
+    assert config.epochs == 12  # the recipe, where nothing overrides it
+    assert (config.optim.lr, config.optim.schedule) == (0.05, "step")
+
+
+def test_the_dataset_can_come_from_any_layer():
+    assert resolve_config({}, {"dataset": "fashion-mnist"}).batch_size == 256
+    assert resolve_config({"dataset": "fashion-mnist"}, {"dataset": "digits"}).batch_size == 128
+
+
+def test_every_recipe_is_a_valid_config_for_its_model_and_dataset():
+    for (model, dataset), recipe in RECIPES.items():
+        assert recipe_for(model, dataset) == recipe
+        resolve_config({"model": model, "dataset": dataset}).validate()
+
+
+def test_a_mistake_in_a_layer_is_named():
+    with pytest.raises(CnnlabError, match="unknown option"):
+        resolve_config({"batch": 3})
