@@ -98,7 +98,7 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     epochs: int = 10
-    batch_size: int = 128  # small datasets need the steps (digits: 11 an epoch); RECIPES raise it where they can
+    batch_size: int = 128
     val_fraction: float = 0.1
     label_smoothing: float = 0.0
     seed: int = 0
@@ -143,10 +143,13 @@ class TrainConfig:
 
 
 # Tuned starting points: the options a (model, dataset) pair gets on top of the
-# defaults, before a config file and flags. The defaults serve every dataset, from
-# digits' 1,300 training images up; a large dataset trains faster per image at a
-# larger batch. docs/performance.md has the measurements behind each entry.
+# defaults, before a config file and flags. docs/performance.md has the measurements.
 RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    # 1,295 training images: batches of 32 give enough steps, and small random shifts keep
+    # LeNet-5 from memorizing them (98.6-99.2% test over seeds 0-2; the defaults: ~96.5%).
+    ("lenet5", "digits"): {"epochs": 15, "batch_size": 32, "optim": {"lr": 0.05}, "augment": {"translate": 0.1}},
+    # 54,000 images: batch 256 trains ~20% more images per second than 128 on a CPU, and
+    # reaches 90% test sooner (epoch 9-10) despite needing a couple more epochs in all.
     ("lenet5", "fashion-mnist"): {"batch_size": 256, "epochs": 12, "optim": {"lr": 0.15}},
 }
 

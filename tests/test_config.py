@@ -10,7 +10,7 @@ def test_a_recipe_applies_to_its_model_and_dataset_only():
     tuned = resolve_config({"dataset": "fashion-mnist"})
     assert (tuned.batch_size, tuned.epochs, tuned.optim.lr) == (256, 12, 0.15)
     assert tuned.optim.momentum == TrainConfig().optim.momentum  # the rest of its section stays default
-    for other in ({"dataset": "digits"}, {"dataset": "fashion-mnist", "model": "simple_cnn"}, {}):
+    for other in ({"dataset": "mnist"}, {"dataset": "fashion-mnist", "model": "simple_cnn"}, {"model": "resnet8"}):
         config = resolve_config(other)
         assert (config.batch_size, config.epochs, config.optim.lr) == (128, 10, 0.1), other
 
@@ -26,7 +26,8 @@ def test_later_layers_override_the_recipe_key_by_key():
 
 def test_the_dataset_can_come_from_any_layer():
     assert resolve_config({}, {"dataset": "fashion-mnist"}).batch_size == 256
-    assert resolve_config({"dataset": "fashion-mnist"}, {"dataset": "digits"}).batch_size == 128
+    assert resolve_config({"dataset": "fashion-mnist"}, {"dataset": "mnist"}).batch_size == 128
+    assert resolve_config({}).batch_size == RECIPES[("lenet5", "digits")]["batch_size"]  # the default dataset's
 
 
 def test_every_recipe_is_a_valid_config_for_its_model_and_dataset():
