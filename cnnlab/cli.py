@@ -67,10 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = commands.add_parser("train", help="train a model into a run directory")
+    train = commands.add_parser(
+        "train",
+        help="train a model into a run directory",
+        description="Train a model into a run directory. Options resolve in layers: the defaults, then cnnlab's "
+        "tuned recipe for the model and dataset (if it has one), then --config, then flags.",
+    )
     train.add_argument("--config", type=Path, help="YAML file of options; flags override it")
     for flag, dest, options in _TRAIN_FLAGS:
         train.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
+    train.add_argument(
+        "--no-recipe", action="store_true", help="the plain defaults, without cnnlab's tuned recipe for the model and dataset"
+    )
     train.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this directory")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     train.add_argument("--json", action="store_true", help="print one JSON object with the results")
@@ -136,7 +144,7 @@ def _train(args: argparse.Namespace) -> int:
         run = RunDirectory.open(args.resume)
         checkpoint = load_checkpoint(run.checkpoints / "last.pt")
         flags = _flag_options(args)
-        if flags.keys() - {"epochs", "device"}:
+        if flags.keys() - {"epochs", "device"} or args.no_recipe:
             raise CnnlabError("--resume continues a run with its saved options; only --epochs and --device may change")
         # The saved config names every option, so no recipe reaches into it.
         config = resolve_config(checkpoint.config or {}, flags, origin=str(run.path))
@@ -147,10 +155,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         file_options = load_yaml_config(args.config) if args.config else {}
         TrainConfig.from_dict(file_options, origin=str(args.config))  # its mistakes, named with the file's name
-        config = resolve_config(file_options, _flag_options(args))
+        config = resolve_config(file_options, _flag_options(args), recipe=not args.no_recipe)
         config.validate()
         recipe = recipe_for(config.model, config.dataset)
-        if recipe:
+        if recipe and not args.no_recipe:
             progress.message(
                 f"tuned recipe for {config.model} on {config.dataset}: {_dotted(recipe)} (flags and --config override it)"
             )

@@ -154,17 +154,17 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def resolve_config(*layers: dict[str, Any], origin: str = "config") -> TrainConfig:
+def resolve_config(*layers: dict[str, Any], origin: str = "config", recipe: bool = True) -> TrainConfig:
     """Defaults, then the recipe for the model and dataset the layers name, then each layer in turn.
 
     Layers are nested dicts as in a YAML config file ({"optim": {"lr": 0.1}}); a later
-    layer's values win. The result is not validated yet.
+    layer's values win. `recipe=False` leaves the recipe out. The result is not validated yet.
     """
     given: dict[str, Any] = {}
     for layer in layers:
         given = _merged(given, layer)
-    recipe = recipe_for(given.get("model", TrainConfig.model), given.get("dataset", TrainConfig.dataset))
-    return TrainConfig.from_dict(_merged(recipe, given), origin)
+    tuned = recipe_for(given.get("model", TrainConfig.model), given.get("dataset", TrainConfig.dataset))
+    return TrainConfig.from_dict(_merged(tuned if recipe else {}, given), origin)
 
 
 def recipe_for(model: str, dataset: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import yaml
 from PIL import Image
 
 from cnnlab.cli import main
-from cnnlab.config import RECIPES
+from cnnlab.config import RECIPES, TrainConfig
 from cnnlab.data.digits import load_digits_splits
 from cnnlab.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import write_mnist_folder
@@ -109,6 +109,12 @@ def test_a_tuned_recipe_is_announced_and_yields_to_the_config_file_and_flags(tmp
     assert main([*common, "--config", str(tmp_path / "mine.yaml"), "--epochs", "1", "--lr", "0.01", "--name", "mine"]) == 0
     saved = yaml.safe_load((tmp_path / "mine" / "config.yaml").read_text())
     assert (saved["batch_size"], saved["optim"]["lr"], saved["optim"]["momentum"]) == (16, 0.01, 0.9)
+    capsys.readouterr()
+    assert main([*common, "--no-recipe", "--epochs", "1", "--name", "plain"]) == 0
+    assert "tuned recipe" not in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "plain" / "config.yaml").read_text())
+    assert (saved["batch_size"], saved["optim"]["lr"]) == (TrainConfig().batch_size, TrainConfig().optim.lr)
+    fails_cleanly(capsys, ["train", "--resume", str(tmp_path / "plain"), "--epochs", "2", "--no-recipe"], "--resume")
 
 
 def test_training_on_a_hand_built_mnist_folder(mnist_root, tmp_path, capsys):

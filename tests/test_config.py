@@ -39,3 +39,8 @@ def test_every_recipe_is_a_valid_config_for_its_model_and_dataset():
 def test_a_mistake_in_a_layer_is_named():
     with pytest.raises(CnnlabError, match="unknown option"):
         resolve_config({"batch": 3})
+
+
+def test_the_recipe_can_be_left_out():
+    plain = resolve_config({"dataset": "fashion-mnist"}, {"epochs": 3}, recipe=False)
+    assert (plain.batch_size, plain.epochs, plain.optim.lr) == (128, 3, 0.1)
