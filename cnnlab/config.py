@@ -176,8 +176,10 @@ def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """`base` with `top`'s values over it, nested dicts merged key by key."""
     merged = dict(base)
     for key, value in top.items():
-        both_nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merged(merged[key], value) if both_nested else value
+        if isinstance(merged.get(key), dict) and (value is None or isinstance(value, dict)):
+            merged[key] = _merged(merged[key], value or {})  # an empty section ("optim:") changes nothing
+        else:
+            merged[key] = value
     return merged
 
 

@@ -44,3 +44,8 @@ def test_a_mistake_in_a_layer_is_named():
 def test_the_recipe_can_be_left_out():
     plain = resolve_config({"dataset": "fashion-mnist"}, {"epochs": 3}, recipe=False)
     assert (plain.batch_size, plain.epochs, plain.optim.lr) == (128, 3, 0.1)
+
+
+def test_an_empty_section_in_a_file_keeps_the_recipe():
+    config = resolve_config({"dataset": "fashion-mnist", "optim": None})
+    assert config.optim.lr == RECIPES[("lenet5", "fashion-mnist")]["optim"]["lr"]
