@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cnnlab import __version__
-from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, TrainConfig, load_yaml_config, recipe_for, resolve_config
+from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, load_yaml_config, recipe_for, resolve_config
 from cnnlab.errors import CnnlabError
 
 EXIT_USAGE = 2
@@ -154,11 +154,12 @@ def _train(args: argparse.Namespace) -> int:
         result = fit(config, run, progress, resume=checkpoint)
     else:
         file_options = load_yaml_config(args.config) if args.config else {}
-        TrainConfig.from_dict(file_options, origin=str(args.config))  # its mistakes, named with the file's name
-        config = resolve_config(file_options, _flag_options(args), recipe=not args.no_recipe)
+        # Flags are typed by argparse and recipes are cnnlab's own, so a mistake can only be the file's.
+        origin = str(args.config) if args.config else "config"
+        config = resolve_config(file_options, _flag_options(args), origin=origin, recipe=not args.no_recipe)
         config.validate()
-        recipe = recipe_for(config.model, config.dataset)
-        if recipe and not args.no_recipe:
+        recipe = {} if args.no_recipe else recipe_for(config.model, config.dataset)
+        if recipe:
             progress.message(
                 f"tuned recipe for {config.model} on {config.dataset}: {_dotted(recipe)} (flags and --config override it)"
             )
