@@ -2,11 +2,12 @@
 
 Times cnnlab's own training step (`AutogradEngine.train_step`, driven by the
 loop's `train_one_epoch`, per-batch data handling included) on LeNet-5 with
-Fashion-MNIST batches, two ways:
+Fashion-MNIST batches, three ways:
 
-    eager              model(x): PyTorch's max-pool and ReLU
-    fast path          tiling max-pools fused with their ReLU in compiled loops:
-                       what `cnnlab train` runs
+    eager              model(x) on the whole batch: PyTorch's max-pool and ReLU
+    fast path          tiling max-pools fused with their ReLU in compiled loops
+    fast path, sliced  the same, the batch split across the cores, one slice
+                       each (cnnlab/train/slices.py): what `cnnlab train` runs
 
 and, on the first pool's input (N, 6, 24, 24), ReLU + max-pool forward and
 backward: torch's kernels against `cnnlab.backprop.tiled_maxpool`.
@@ -19,8 +20,9 @@ them alike.
     python bench/fastpath.py [--batch-sizes 128,256] [--rounds 7] [--steps 40]
     python bench/fastpath.py --profile   # where a fast-path step spends its time
 
---profile runs the full fast path under torch.profiler and groups the
-operators' own CPU time by what they do (docs/performance.md quotes it).
+--profile runs the fast path's step on whole batches under torch.profiler
+and groups the operators' own CPU time by what they do (docs/performance.md
+quotes it).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from cnnlab.train.fastpath import fast_forward
 from cnnlab.train.loop import train_one_epoch
 from cnnlab.train.progress import Progress
 
-VARIANTS = ("eager", "fast path")
+VARIANTS = ("eager", "fast path", "fast path, sliced")
 RESULTS = Path(__file__).parent / "results" / "fastpath.json"
 PROFILE = Path(__file__).parent / "results" / "fastpath_profile.json"
 
@@ -79,6 +81,7 @@ def ablation(batch_size: int, steps: int, rounds: int, dataset: str) -> list[dic
         model.load_state_dict(initial)
         engine = AutogradEngine(model, config)
         engine.forward = model if variant == "eager" else fast_forward(model)
+        engine.slices = engine.slices if variant == "fast path, sliced" else 1
         engines[variant] = engine
         train_one_epoch(engine, train, order, normalization, config, 0, steps, None, Progress(quiet=True))  # warm-up
     medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -150,6 +153,9 @@ def profile(batch_size: int, steps: int, dataset: str) -> dict:
     train = splits.train.subset(torch.arange(n))
     config = TrainConfig(batch_size=batch_size, optim=OptimConfig(lr=0.01, schedule="constant"))
     engine = AutogradEngine(create_model("lenet5", splits.image_shape, len(splits.classes)), config)
+    # The whole batch on the calling thread: the profiler's parent chain ("train_step") does
+    # not cross into the slices' worker threads. Sliced, each core runs this same mix on its share.
+    engine.slices = 1
     order, quiet = torch.arange(n), Progress(quiet=True)
     step = engine.train_step
 
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
         rows = ablation(batch_size, args.steps, args.rounds, args.dataset)
         for row in rows:
-            print(f"batch {batch_size:>4}  {row['variant']:<20} {row['images_per_s']:>8,} img/s  "
+            print(f"batch {batch_size:>4}  {row['variant']:<18} {row['images_per_s']:>8,} img/s  "
                   f"x{row['speedup_vs_eager']}")  # fmt: skip
         pool = pool_kernels(batch_size)
         print(f"batch {batch_size:>4}  ReLU + max-pool (ms): " + ", ".join(f"{k} {v}" for k, v in pool.items()))

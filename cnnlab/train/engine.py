@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.backprop.optim import clip_grad_norm
 from cnnlab.config import TrainConfig
 from cnnlab.train.fastpath import fast_forward
+from cnnlab.train.slices import map_slices, slice_count, sliced
 
 
 class Engine(Protocol):
@@ -50,8 +52,13 @@ class AutogradEngine:
 
     def __init__(self, model: nn.Module, config: TrainConfig) -> None:
         self.model = model
+        device = next(model.parameters()).device
         # model(x) computed faster on a CPU, same values and gradients (see fastpath.py).
-        self.forward = fast_forward(model, next(model.parameters()).device)
+        self.forward = fast_forward(model, device)
+        # A CPU's cores each take a slice of the batch (see slices.py); elsewhere 1: the whole batch.
+        self.slices = slice_count(model, device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sizes = [p.numel() for p in self.params]
         self.label_smoothing = config.label_smoothing
         self.grad_clip = config.optim.grad_clip
         self.optimizer = build_torch_optimizer(model, config)
@@ -59,21 +66,47 @@ class AutogradEngine:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        logits = self.forward(x)  # (N, K)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        # set_to_none frees the gradient buffers instead of zero-filling them: one pass less.
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        return loss.detach(), logits.detach()
+        batch = len(x)
+        with sliced(batch, self.slices) as count:
+            parts = map_slices(lambda xs, ys: self._loss_and_gradient(xs, ys, batch), x, y, count)
+            losses, logits, gradients = zip(*parts)
+            # All parameters' gradients in one flat vector (P,): summing the slices', the norm and
+            # the clipping are one operation each instead of one per parameter tensor.
+            gradient = _sum_in_order(gradients)
+            if self.grad_clip > 0:
+                clip_grad_norm([gradient], self.grad_clip)  # torch's formula, on a tensor rather than .grads
+            for param, grad in zip(self.params, gradient.split(self.sizes)):
+                param.grad = grad.view_as(param)  # set, not accumulated: each step starts from none
+            self.optimizer.step()
+            return _sum_in_order(losses), torch.cat(logits)
+
+    def _loss_and_gradient(
+        self, x: torch.Tensor, y: torch.Tensor, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (n, C, H, W), y: (n,), a slice of a batch of `batch` images.
+
+        Returns this slice's share of the batch's mean loss (its sum / batch), its logits (n, K)
+        and the share's gradient, all parameters' flattened into one vector (P,) in
+        `self.params` order (zero for a parameter the loss does not use).
+        """
+        logits = self.forward(x)  # (n, K)
+        loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=self.label_smoothing) / batch
+        gradients = torch.autograd.grad(loss, self.params, materialize_grads=True)
+        return loss.detach(), logits.detach(), torch.cat([g.reshape(-1) for g in gradients])
 
     def optimizer_state(self) -> dict:
         return self.optimizer.state_dict()
 
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+
+def _sum_in_order(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """tensors[0] + tensors[1] + ..., left to right: float addition is not associative."""
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = total + tensor
+    return total
 
 
 def build_torch_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

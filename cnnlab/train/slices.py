@@ -1,0 +1,104 @@
+"""A training batch split across a CPU's cores: each core runs the network on its own slice.
+
+LeNet-sized layers are too thin for oneDNN to keep two cores busy inside one
+operator: a LeNet-5 step at batch 256 runs only ~1.5x faster on two threads
+than on one. Two one-thread workers that each run the whole forward and
+backward pass on half of the batch keep both cores busy instead: x1.11 / x1.16
+/ x1.20 a step at batch 128 / 256 / 512 on two cores (`python
+bench/fastpath.py`). Below 64 images a slice, per-operator overhead eats the
+gain, so smaller batches are not split.
+
+The arithmetic is the batch's: each slice's loss is its sum over images
+divided by the whole batch's size, so the slices' losses and gradients add up
+to the batch mean's. The gradients are added in slice order, so a run repeats
+exactly on the same machine; against the unsplit batch they differ by float32
+rounding only.
+
+Only models whose output for an image depends on that image and the
+parameters alone, and whose forward pass changes nothing, may be split:
+batch-norm (statistics over the batch, running averages) and dropout (draws
+from the shared generator, in whichever order the threads reach it) may not.
+`splittable` accepts the layers known to qualify, not whatever is not known
+to break.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+from typing import Callable, Iterator, TypeVar
+
+import torch
+from torch import nn
+
+MIN_SLICE = 64  # images; smaller slices lose more to per-operator overhead than the second core gains
+# Each slice holds the GIL for its Python part of the step (module calls, autograd.Function
+# plumbing: ~5% of it). Measured on two cores only; beyond a few slices that serial part
+# would grow, so larger machines give each slice several intra-op threads instead.
+MAX_SLICES = 4
+STATELESS = (
+    nn.Sequential, nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
+    nn.Identity,
+)  # fmt: skip
+
+Result = TypeVar("Result")
+
+
+def splittable(model: nn.Module) -> bool:
+    """Whether `model`'s forward pass treats images independently and has no side effects."""
+    return all(type(module) in STATELESS for module in model.modules())
+
+
+def slice_count(model: nn.Module, device: torch.device | str) -> int:
+    """How many slices a full batch is split into: one per intra-op thread (<= MAX_SLICES) on a CPU."""
+    if torch.device(device).type != "cpu" or not splittable(model):
+        return 1
+    return min(torch.get_num_threads(), MAX_SLICES)
+
+
+@contextlib.contextmanager
+def sliced(batch_size: int, slices: int) -> Iterator[int]:
+    """Within: how many slices (<= `slices`, of >= MIN_SLICE images) a batch of `batch_size` takes.
+
+    While more than one, each thread's operators use 1/count of the intra-op threads, so
+    the slices do not oversubscribe the cores; that also holds for the step's tail (summing
+    the slices' gradients, the update), whose tiny operators run faster on one thread than
+    on two. The thread count is restored on the way out.
+    """
+    count = max(1, min(slices, batch_size // MIN_SLICE))
+    if count == 1:
+        yield 1
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // count))
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(threads)
+
+
+def map_slices(
+    work: Callable[[torch.Tensor, torch.Tensor], Result], x: torch.Tensor, y: torch.Tensor, count: int
+) -> list[Result]:
+    """[work(x_i, y_i) for each of `count` consecutive slices of x (N, ...) and y (N, ...)].
+
+    The slices run at once, the first on the calling thread; count=1 runs work(x, y) inline.
+    Call it inside `sliced`, which sets how many threads each slice's operators get.
+    """
+    if count == 1:
+        return [work(x, y)]
+    xs, ys = x.tensor_split(count), y.tensor_split(count)
+    futures = []
+    try:
+        futures = [_workers(count - 1).submit(work, xi, yi) for xi, yi in zip(xs[1:], ys[1:])]
+        first = work(xs[0], ys[0])
+        return [first, *(future.result() for future in futures)]
+    finally:
+        concurrent.futures.wait(futures)  # none may still run once the caller moves on
+
+
+@functools.cache
+def _workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool of `count` threads, kept for the process's life (starting threads per step would cost more)."""
+    return concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="cnnlab-slice")
