@@ -19,7 +19,7 @@ from torch import nn
 from cnnlab.backprop.optim import clip_grad_norm
 from cnnlab.config import TrainConfig
 from cnnlab.train.fastpath import fast_forward
-from cnnlab.train.slices import map_slices, slice_count, sliced
+from cnnlab.train.slices import map_slices, slice_count, sliced, sum_in_order
 
 
 class Engine(Protocol):
@@ -68,17 +68,17 @@ class AutogradEngine:
             group["lr"] = lr
         batch = len(x)
         with sliced(batch, self.slices) as count:
-            parts = map_slices(lambda xs, ys: self._loss_and_gradient(xs, ys, batch), x, y, count)
+            parts = map_slices(lambda _, xs, ys: self._loss_and_gradient(xs, ys, batch), x, y, count)
             losses, logits, gradients = zip(*parts)
             # All parameters' gradients in one flat vector (P,): summing the slices', the norm and
             # the clipping are one operation each instead of one per parameter tensor.
-            gradient = _sum_in_order(gradients)
+            gradient = sum_in_order(gradients)
             if self.grad_clip > 0:
                 clip_grad_norm([gradient], self.grad_clip)  # torch's formula, on a tensor rather than .grads
             for param, grad in zip(self.params, gradient.split(self.sizes)):
                 param.grad = grad.view_as(param)  # set, not accumulated: each step starts from none
             self.optimizer.step()
-            return _sum_in_order(losses), torch.cat(logits)
+            return sum_in_order(losses), torch.cat(logits)
 
     def _loss_and_gradient(
         self, x: torch.Tensor, y: torch.Tensor, batch: int
@@ -99,14 +99,6 @@ class AutogradEngine:
 
     def load_optimizer_state(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
-
-
-def _sum_in_order(tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """tensors[0] + tensors[1] + ..., left to right: float addition is not associative."""
-    total = tensors[0]
-    for tensor in tensors[1:]:
-        total = total + tensor
-    return total
 
 
 def build_torch_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -79,23 +79,34 @@ def sliced(batch_size: int, slices: int) -> Iterator[int]:
 
 
 def map_slices(
-    work: Callable[[torch.Tensor, torch.Tensor], Result], x: torch.Tensor, y: torch.Tensor, count: int
+    work: Callable[[int, torch.Tensor, torch.Tensor], Result], x: torch.Tensor, y: torch.Tensor, count: int
 ) -> list[Result]:
-    """[work(x_i, y_i) for each of `count` consecutive slices of x (N, ...) and y (N, ...)].
+    """[work(i, x_i, y_i) for each of `count` consecutive slices i of x (N, ...) and y (N, ...)].
 
-    The slices run at once, the first on the calling thread; count=1 runs work(x, y) inline.
-    Call it inside `sliced`, which sets how many threads each slice's operators get.
+    The slices run at once, slice 0 on the calling thread; count=1 runs work(0, x, y) inline.
+    Call it inside `sliced`, which sets how many threads each slice's operators get. Grad
+    mode is per thread: a `work` that must not record a graph says so itself.
     """
     if count == 1:
-        return [work(x, y)]
+        return [work(0, x, y)]
     xs, ys = x.tensor_split(count), y.tensor_split(count)
     futures = []
     try:
-        futures = [_workers(count - 1).submit(work, xi, yi) for xi, yi in zip(xs[1:], ys[1:])]
-        first = work(xs[0], ys[0])
+        pool = _workers(count - 1)
+        futures = [pool.submit(work, i, xs[i], ys[i]) for i in range(1, count)]
+        first = work(0, xs[0], ys[0])
         return [first, *(future.result() for future in futures)]
     finally:
         concurrent.futures.wait(futures)  # none may still run once the caller moves on
+
+
+def sum_in_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """tensors[0] + tensors[1] + ...: left to right, as float addition is not associative, so a
+    sliced step repeats bit for bit."""
+    total = tensors[0]
+    for tensor in tensors[1:]:
+        total = total + tensor
+    return total
 
 
 @functools.cache

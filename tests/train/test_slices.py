@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from cnnlab.backprop.engine import ManualEngine
 from cnnlab.config import OptimConfig, TrainConfig
 from cnnlab.models import create_model
 from cnnlab.train.engine import AutogradEngine
@@ -65,9 +66,9 @@ def test_slices_run_at_once_on_separate_threads_with_a_share_of_the_intra_op_thr
     torch.set_num_threads(2)
     barrier = threading.Barrier(2, timeout=10)  # both slices must be running for either to pass it
 
-    def work(x, y):
+    def work(i, x, y):
         barrier.wait()
-        return threading.get_ident(), torch.get_num_threads(), x.sum().item(), len(y)
+        return threading.get_ident(), torch.get_num_threads(), x.sum().item(), len(y), i
 
     try:
         x, y = torch.arange(200.0), torch.arange(200)
@@ -80,6 +81,7 @@ def test_slices_run_at_once_on_separate_threads_with_a_share_of_the_intra_op_thr
     assert sum(r[2] for r in results) == x.sum().item()
     assert results[0][0] == threading.get_ident() != results[1][0]  # the caller takes the first slice
     assert [r[1] for r in results] == [1, 1]
+    assert [r[4] for r in results] == [0, 1]
 
 
 def test_a_batch_too_small_to_split_stays_whole_and_keeps_the_thread_count():
@@ -93,7 +95,7 @@ def test_a_batch_too_small_to_split_stays_whole_and_keeps_the_thread_count():
 def test_a_failing_slice_raises_in_the_caller_after_every_slice_has_finished():
     finished = []
 
-    def work(x, y):
+    def work(i, x, y):
         if x[0] == 0:
             raise ValueError("slice 0 failed")
         threading.Event().wait(0.2)
@@ -140,3 +142,27 @@ def test_the_update_is_the_textbook_step_on_the_whole_batch(slices, grad_clip):
         torch.testing.assert_close(engine_loss, loss.detach(), rtol=1e-6, atol=1e-6)
     for (name, expected), actual in zip(reference.named_parameters(), engine.model.parameters()):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_hand_written_engine_slices_its_batch_too_with_a_network_twin_per_slice():
+    torch.manual_seed(0)
+    model = create_model("lenet5", (1, 28, 28), 10)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole = ManualEngine(copy.deepcopy(model), CONFIG)
+        torch.set_num_threads(2)
+        split = ManualEngine(copy.deepcopy(model), CONFIG)
+        assert (whole.slices, split.slices) == (1, 2)
+        for x, y in batches(3, 256):
+            loss_whole, logits_whole = whole.train_step(x, y, 0.05)
+            loss_split, logits_split = split.train_step(x, y, 0.05)
+            torch.testing.assert_close(loss_split, loss_whole, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(logits_split, logits_whole, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(previous)
+    for (name, p_whole), p_split, p_start in zip(
+        whole.model.named_parameters(), split.model.parameters(), model.parameters()
+    ):
+        torch.testing.assert_close(p_split, p_whole, rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(p_whole, p_start), name  # every parameter moved
