@@ -258,10 +258,7 @@ def markdown(results: dict) -> str:
         )
     lines += ["", f"| ratio | training throughput | time to {target} (speed-up) |", "|---|---:|---:|"]
     for name, ratio in results["ratios"].items():
-        speedup = _times(ratio["time_to_target_speedup"])
-        if ratio.get("time_to_target_speedup_at_least"):
-            speedup = f"more than x{ratio['time_to_target_speedup_at_least']} (the other never reached it)"
-        lines.append(f"| {name} | {_times(ratio['throughput'])} | {speedup} |")
+        lines.append(f"| {name} | {_times(ratio['throughput'])} | {time_to_target_speedup(ratio, target)} |")
     inference = results["inference"]
     lines += [
         "",
@@ -284,6 +281,16 @@ def markdown(results: dict) -> str:
         f"{entry['predict_batch_256_images_per_s']:,.0f} at batch 256.",
     ]
     return "\n".join(lines)
+
+
+def time_to_target_speedup(ratio: dict, target: str) -> str:
+    """The time-to-target cell of a ratio row: the speed-up, or what is known when one side never got there."""
+    bound = ratio.get("time_to_target_speedup_at_least")
+    if bound and bound >= 1:
+        return f"more than x{bound} (the other never reached it)"
+    if bound:  # the other's whole run was shorter than the first's time to the target: no bound
+        return f"only the first reached it (the other's whole run took x{bound} of its time to {target})"
+    return _times(ratio["time_to_target_speedup"])
 
 
 def _times(value: float | None) -> str:

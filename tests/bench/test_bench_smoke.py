@@ -44,3 +44,17 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
 
     text = docs.read_text()
     assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text
+
+
+def test_a_time_to_target_that_only_one_side_reached_is_a_bound_or_said_as_such(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from run import time_to_target_speedup
+
+    assert time_to_target_speedup({"time_to_target_speedup": 1.52}, "90%") == "x1.52"
+    assert time_to_target_speedup({"time_to_target_speedup": None}, "90%") == "-"
+    bound = {"time_to_target_speedup": None, "time_to_target_speedup_at_least": 17.78}
+    assert time_to_target_speedup(bound, "90%") == "more than x17.78 (the other never reached it)"
+    # The other stopped short of the target sooner than the first reached it: that bounds nothing.
+    short = {"time_to_target_speedup": None, "time_to_target_speedup_at_least": 0.5}
+    assert "more than" not in time_to_target_speedup(short, "90%")
+    assert time_to_target_speedup(short, "90%").startswith("only the first reached it")
