@@ -17,7 +17,7 @@ same batches from the same starting weights; the median step of each turn,
 then the median over turns, is reported, so a busy neighbour slows all of
 them alike.
 
-    python bench/fastpath.py [--batch-sizes 128,256] [--rounds 7] [--steps 40]
+    python bench/fastpath.py [--batch-sizes 256,512] [--rounds 7] [--steps 40]
     python bench/fastpath.py --profile   # where a fast-path step spends its time
 
 --profile runs the fast path's step on whole batches under torch.profiler
@@ -221,7 +221,7 @@ def pool_kernels(batch_size: int, repeats: int = 200) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", default="128,256", help="comma-separated")
+    parser.add_argument("--batch-sizes", default="256,512", help="comma-separated")
     parser.add_argument("--batch-size", type=int, default=256, help="for --profile (the Fashion-MNIST recipe's batch)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per variant and round")

@@ -1,10 +1,10 @@
 """A training batch split across a CPU's cores: each core runs the network on its own slice.
 
 LeNet-sized layers are too thin for oneDNN to keep two cores busy inside one
-operator: a LeNet-5 step at batch 256 runs only ~1.5x faster on two threads
+operator: a LeNet-5 step at batch 256 runs only ~1.6x faster on two threads
 than on one. Two one-thread workers that each run the whole forward and
-backward pass on half of the batch keep both cores busy instead: x1.11 / x1.16
-/ x1.20 a step at batch 128 / 256 / 512 on two cores (`python
+backward pass on half of the batch keep both cores busy instead: x1.16 / x1.19
+more training images per second at batch 256 / 512 on two cores (`python
 bench/fastpath.py`). Below 64 images a slice, per-operator overhead eats the
 gain, so smaller batches are not split.
 
