@@ -17,7 +17,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import OneCycleLR
 
+from cnnlab.data.dataset import DatasetSplits
 from cnnlab.models import create_model
 from measure import Clock, Record, bench_splits, contender_parser, test_accuracy
 
@@ -31,18 +34,12 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     splits = bench_splits(args.dataset, args.train_limit, args.test_limit, args.seed)
-    # Per-channel statistics of the training images only.
-    pixels = splits.train.images.to(torch.float32).div_(255)  # (N, C, H, W)
-    mean = pixels.mean(dim=(0, 2, 3), keepdim=True)
-    std = pixels.std(dim=(0, 2, 3), keepdim=True)
-    x_train, y_train = (pixels - mean) / std, splits.train.labels
-    x_test = (splits.test.images.to(torch.float32).div_(255) - mean) / std
-    del pixels
+    x_train, x_test = normalized(splits)
+    y_train = splits.train.labels
 
     model = create_model("lenet5", splits.image_shape, len(splits.classes))
     steps_per_epoch = -(-len(x_train) // BATCH_SIZE)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LR, total_steps=args.epochs * steps_per_epoch)
+    optimizer, scheduler = sgd_one_cycle(model, args.epochs * steps_per_epoch)
 
     record = Record("plain PyTorch loop", f"tensors in memory, batch {BATCH_SIZE}, SGD Nesterov + OneCycleLR {LR}",
                     BATCH_SIZE, len(x_train))  # fmt: skip
@@ -53,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         order = torch.randperm(len(x_train))
         for start in range(0, len(x_train), BATCH_SIZE):
             index = order[start : start + BATCH_SIZE]
-            loss = F.cross_entropy(model(x_train[index]), y_train[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            step(model, optimizer, scheduler, x_train[index], y_train[index])
             images += len(index)
             if clock.spent():
                 break
@@ -74,6 +67,29 @@ def main(argv: list[str] | None = None) -> int:
             break
     record.write(args.out)
     return 0
+
+
+def normalized(splits: DatasetSplits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test images as float32 (N, C, H, W), standardized per channel by the train split's statistics."""
+    pixels = splits.train.images.to(torch.float32).div_(255)
+    mean = pixels.mean(dim=(0, 2, 3), keepdim=True)
+    std = pixels.std(dim=(0, 2, 3), keepdim=True)
+    return (pixels - mean) / std, (splits.test.images.to(torch.float32).div_(255) - mean) / std
+
+
+def sgd_one_cycle(model: nn.Module, total_steps: int) -> tuple[torch.optim.Optimizer, OneCycleLR]:
+    """SGD with Nesterov momentum and weight decay under torch's one-cycle schedule peaking at LR."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return optimizer, OneCycleLR(optimizer, max_lr=LR, total_steps=total_steps)
+
+
+def step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: OneCycleLR, x: torch.Tensor, y: torch.Tensor):
+    """One training step on x (B, C, H, W) float32 and y (B,), in the textbook order."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
 
 
 if __name__ == "__main__":

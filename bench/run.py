@@ -9,8 +9,11 @@ All four train the same LeNet-5 on the same train split and are tested on the
 same test split, each in its own process (see measure.py for the figures and
 how they are taken). (b), (c) and (d) run `--repeats` times, taking turns, and
 the run that trained in the least time is reported: load from elsewhere on the
-machine only ever adds time. Then inference (bench/inference.py) and a float32 matmul
-give the scale: what this CPU can do, and how much of it training uses.
+machine only ever adds time. Since the host's load drifts between those runs,
+bench/side_by_side.py then times (b)'s and (c)'s steps taking turns in one
+process, for a c/b that the drift does not move. Then inference
+(bench/inference.py) and a float32 matmul give the scale: what this CPU can
+do, and how much of it training uses.
 
     python bench/run.py [--budget 600] [--quick] [--out PATH] [--docs PATH]
 
@@ -112,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {label} skipped: {contenders[key]['skipped']}", file=sys.stderr)
         inference_args = ["--dataset", args.dataset, *(["--quick"] if args.quick else [])]
         inference = _run_script("inference.py", inference_args, Path(scratch) / "inference.json")
+        steps = ["--rounds", "2", "--steps", "3", "--train-limit", str(QUICK["train_limit"])] if args.quick else []
+        side_by_side = _run_script("side_by_side.py", ["--dataset", args.dataset, *steps], Path(scratch) / "sbs.json")
 
     for result in contenders.values():
         if result.get("images_per_s"):
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "matmul": matmul,
         "contenders": contenders,
         "ratios": _ratios(contenders),
+        "side_by_side": side_by_side,
         "inference": inference,
         "machine": _machine(),
         "load_average": {"before": load_before, "after": _load_average()},
@@ -259,6 +265,14 @@ def markdown(results: dict) -> str:
     lines += ["", f"| ratio | training throughput | time to {target} (speed-up) |", "|---|---:|---:|"]
     for name, ratio in results["ratios"].items():
         lines.append(f"| {name} | {_times(ratio['throughput'])} | {time_to_target_speedup(ratio, target)} |")
+    steps = results["side_by_side"]
+    low, high = steps["c_over_b_range"]
+    lines += [
+        "",
+        f"Steady-state training steps of (b) and (c) taking turns in one process (`bench/side_by_side.py`, "
+        f"{steps['rounds']} rounds of {steps['steps']} steps each): (b) {steps['images_per_s']['b']:,} images/s, "
+        f"(c) {steps['images_per_s']['c']:,}; **c/b x{steps['c_over_b']}** (rounds x{low}-x{high}).",
+    ]
     inference = results["inference"]
     lines += [
         "",

@@ -37,13 +37,16 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
         assert contender["epochs"] and all(0 <= e["test_accuracy"] <= 1 for e in contender["epochs"])
         assert contender["peak_rss_mb"] > 0
     assert results["matmul"]["best_gflops"] > 0 and results["training_flops_per_image"] > 1e6
+    steps = results["side_by_side"]
+    assert steps["images_per_s"]["b"] > 0 and steps["images_per_s"]["c"] > 0
+    assert steps["c_over_b_range"][0] <= steps["c_over_b"] <= steps["c_over_b_range"][1]
     for row in results["inference"]["forward"]:
         assert row["eager_images_per_s"] > 0 and row["cnnlab_images_per_s"] > 0
         assert row["max_abs_logit_difference"] < 1e-4
     assert results["machine"]["torch"] and results["date"] and "run.py" in results["command"]
 
     text = docs.read_text()
-    assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text
+    assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text and "side_by_side.py" in text
 
 
 def test_a_time_to_target_that_only_one_side_reached_is_a_bound_or_said_as_such(monkeypatch):
