@@ -100,7 +100,7 @@ def test_a_tuned_recipe_is_announced_and_yields_to_the_config_file_and_flags(tmp
     common = ["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(tmp_path)]
     assert main([*common, "--epochs", "1", "--name", "tuned"]) == 0
     out = capsys.readouterr().out
-    assert "tuned recipe for lenet5 on fashion-mnist: batch_size=256" in out
+    assert "tuned recipe for lenet5 on fashion-mnist: batch_size=384" in out
     saved = yaml.safe_load((tmp_path / "tuned" / "config.yaml").read_text())
     recipe = RECIPES[("lenet5", "fashion-mnist")]
     assert saved["batch_size"] == recipe["batch_size"] and saved["optim"]["lr"] == recipe["optim"]["lr"]

@@ -8,7 +8,7 @@ from cnnlab.errors import CnnlabError
 
 def test_a_recipe_applies_to_its_model_and_dataset_only():
     tuned = resolve_config({"dataset": "fashion-mnist"})
-    assert (tuned.batch_size, tuned.epochs, tuned.optim.lr, tuned.augment.flip) == (256, 30, 0.15, True)
+    assert (tuned.batch_size, tuned.epochs, tuned.optim.lr, tuned.augment.flip) == (384, 30, 0.2, True)
     assert tuned.optim.momentum == TrainConfig().optim.momentum  # the rest of its section stays default
     for other in ({"dataset": "mnist"}, {"dataset": "fashion-mnist", "model": "simple_cnn"}, {"model": "resnet8"}):
         config = resolve_config(other)
@@ -19,13 +19,13 @@ def test_later_layers_override_the_recipe_key_by_key():
     file_options = {"dataset": "fashion-mnist", "optim": {"lr": 0.05, "schedule": "cosine"}}
     flags = {"batch_size": 64, "optim": {"schedule": "step"}}
     config = resolve_config(file_options, flags)
-    assert config.batch_size == 64  # the flag, over the recipe's 256
+    assert config.batch_size == 64  # the flag, over the recipe's 384
     assert config.epochs == 30  # the recipe, where nothing overrides it
     assert (config.optim.lr, config.optim.schedule) == (0.05, "step")
 
 
 def test_the_dataset_can_come_from_any_layer():
-    assert resolve_config({}, {"dataset": "fashion-mnist"}).batch_size == 256
+    assert resolve_config({}, {"dataset": "fashion-mnist"}).batch_size == 384
     assert resolve_config({"dataset": "fashion-mnist"}, {"dataset": "mnist"}).batch_size == 128
     assert resolve_config({}).batch_size == RECIPES[("lenet5", "digits")]["batch_size"]  # the default dataset's
 
