@@ -222,7 +222,7 @@ def pool_kernels(batch_size: int, repeats: int = 200) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="256,512", help="comma-separated")
-    parser.add_argument("--batch-size", type=int, default=256, help="for --profile (the Fashion-MNIST recipe's batch)")
+    parser.add_argument("--batch-size", type=int, default=384, help="for --profile (the Fashion-MNIST recipe's batch)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per variant and round")
     parser.add_argument("--dataset", default="fashion-mnist")

@@ -14,6 +14,7 @@ the median ratio over the rounds is reported with its range.
          loss), the batch gather and normalization included
 
     python bench/side_by_side.py --out result.json [--dataset fashion-mnist] [--rounds 9] [--steps 40]
+                                 [--batch-size N]  # (c) at another batch
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-limit", type=int)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per contender and round")
+    parser.add_argument("--batch-size", type=int, help="(c)'s batch instead of its recipe's; (b) keeps 256")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     splits = bench_splits(args.dataset, args.train_limit, 1, 0)
-    config = resolve_config({"dataset": args.dataset})
+    config = resolve_config({"dataset": args.dataset}, {"batch_size": args.batch_size} if args.batch_size else {})
     steps = {"b": plain_steps(splits, args.steps), "c": cnnlab_steps(splits, config, args.steps)}
     batch = {"b": plain_loop.BATCH_SIZE, "c": config.batch_size}
     for name in steps:  # warm-up: compilation, allocator, oneDNN's primitive caches
