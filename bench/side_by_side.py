@@ -31,11 +31,10 @@ import torch
 
 import plain_loop
 from cnnlab.config import resolve_config
-from cnnlab.data.augment import BatchAugmenter
 from cnnlab.data.sources import normalization_for
 from cnnlab.models import create_model
 from cnnlab.train.engine import AutogradEngine
-from cnnlab.train.loop import train_one_epoch
+from cnnlab.train.loop import make_augmenter, train_one_epoch
 from fastpath import StepTimer
 from measure import bench_splits
 
@@ -105,7 +104,7 @@ def cnnlab_steps(splits, config, steps: int):
     normalization = normalization_for(splits)
     model = create_model(config.model, splits.image_shape, len(splits.classes))
     engine = AutogradEngine(model, config)
-    augmenter = BatchAugmenter(config.augment, config.seed, "cpu") if config.augment.enabled() else None
+    augmenter = make_augmenter(config, torch.device("cpu"))
     n = min(len(splits.train), config.batch_size * steps)
     train = splits.train.subset(torch.arange(n))
 

@@ -37,7 +37,7 @@ class ManualEngine:
         # what their backward needs, so each slice gets its own network over the same parameters.
         self.slices = slice_count(model, next(model.parameters()).device)
         self.networks = [Sequential.from_torch(model) for _ in range(self.slices)]
-        self.losses = [SoftmaxCrossEntropy(config.label_smoothing) for _ in range(self.slices)]
+        self.loss_layers = [SoftmaxCrossEntropy(config.label_smoothing) for _ in range(self.slices)]
         for network in self.networks:
             # dL/d(images) is never used: the first layer may skip computing it.
             network.skip_input_grad()
@@ -68,7 +68,7 @@ class ManualEngine:
         # Nothing here requires grad (the layers hold detached views of the parameters);
         # no_grad says so, and spares every operation autograd's bookkeeping.
         with torch.no_grad():
-            network, loss_layer = self.networks[index], self.losses[index]
+            network, loss_layer = self.networks[index], self.loss_layers[index]
             # The whole network follows the module's mode, which the trainer sets.
             network.train(self.model.training)
             logits = network.forward(x)  # (n, K)

@@ -66,7 +66,7 @@ def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Chec
     # The shuffling order has its own generator so that resuming can restore it
     # without touching the global RNG, which dropout and initialisation use.
     shuffle = torch.Generator().manual_seed(config.seed)
-    augmenter = _augmenter(config, device)
+    augmenter = make_augmenter(config, device)
     start_epoch, step, rows, best_accuracy = 0, 0, [], -1.0
     if resume is not None:
         model.load_state_dict(resume.build_model().state_dict())
@@ -224,7 +224,8 @@ def _confusion_csv(test: Report, classes: tuple[str, ...]) -> str:
     return "\n".join([header, *lines]) + "\n"
 
 
-def _augmenter(config: TrainConfig, device: torch.device):
+def make_augmenter(config: TrainConfig, device: torch.device):
+    """The batch augmenter `config.augment` asks for, or None when it asks for nothing."""
     if not config.augment.enabled():
         return None
     from cnnlab.data.augment import BatchAugmenter
