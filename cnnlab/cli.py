@@ -46,6 +46,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--gamma", "optim.gamma", {"type": float, "help": "decay factor (step schedule)"}),
     ("--grad-clip", "optim.grad_clip", {"type": float, "help": "max gradient norm; 0 = off"}),
     ("--label-smoothing", "label_smoothing", {"type": float}),
+    ("--ema", "ema", {"type": float, "help": "validate, save and test a moving average of the weights, "
+                      "with this decay per step (e.g. 0.99); 0 = off"}),
     ("--val-fraction", "val_fraction", {"type": float}),
     ("--seed", "seed", {"type": int}),
     ("--device", "device", {"help": "auto, cpu, cuda, cuda:N or mps"}),

@@ -101,6 +101,7 @@ class TrainConfig:
     batch_size: int = 128
     val_fraction: float = 0.1
     label_smoothing: float = 0.0
+    ema: float = 0.0  # decay of the weights' moving average that is validated, saved and tested; 0 = off
     seed: int = 0
     device: str = "auto"
     engine: str = "autograd"
@@ -117,6 +118,8 @@ class TrainConfig:
             raise CnnlabError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0 <= self.label_smoothing < 1:
             raise CnnlabError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.ema < 1:
+            raise CnnlabError(f"--ema must be in [0, 1) (0 turns it off; 0.99 is typical), got {self.ema}")
         if self.engine not in ENGINES:
             raise CnnlabError(f"unknown engine '{self.engine}': choose one of {', '.join(ENGINES)}")
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):

@@ -3,6 +3,9 @@
 A checkpoint holds everything needed to rebuild the model without the run that
 made it (model name and config, weights, normalization, class names) and to
 continue that run exactly (optimizer state, epoch, step, RNG states, config).
+With `--ema` the weights are the moving average (what was validated and is
+used from then on) and `training_state` holds the raw weights training
+continues from.
 It loads with `torch.load(weights_only=True)`, so a hostile file cannot run
 code, and it is written atomically.
 """
@@ -29,7 +32,11 @@ _FORMAT_KEY = "cnnlab_checkpoint"
 
 @dataclass
 class Checkpoint:
-    """model: {"name", "in_shape", "num_classes"}; the other fields as saved by `save_checkpoint`."""
+    """model: {"name", "in_shape", "num_classes"}; the other fields as saved by `save_checkpoint`.
+
+    model_state: the weights to use; training_state: the weights to resume training from,
+    None where they are model_state.
+    """
 
     model: dict[str, Any]
     model_state: dict[str, torch.Tensor]
@@ -42,6 +49,7 @@ class Checkpoint:
     rng: dict[str, torch.Tensor] | None = None
     config: dict[str, Any] | None = None
     metrics: dict[str, float] | None = None
+    training_state: dict[str, torch.Tensor] | None = None
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -65,7 +73,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     payload = {
         _FORMAT_KEY: FORMAT_VERSION,
         "model": {**checkpoint.model, "in_shape": list(checkpoint.in_shape)},
-        "model_state": {k: v.detach().cpu() for k, v in checkpoint.model_state.items()},
+        "model_state": _on_cpu(checkpoint.model_state),
         "normalization": checkpoint.normalization.to_dict(),
         "classes": list(checkpoint.classes),
         "dataset": checkpoint.dataset,
@@ -75,9 +83,14 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "rng": checkpoint.rng,
         "config": checkpoint.config,
         "metrics": checkpoint.metrics,
+        "training_state": _on_cpu(checkpoint.training_state),
     }
     with atomic_open(path) as f:
         torch.save(payload, f)
+
+
+def _on_cpu(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -106,6 +119,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             rng=payload.get("rng"),
             config=payload.get("config"),
             metrics=payload.get("metrics"),
+            training_state=payload.get("training_state"),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CnnlabError(f"{path} is an incomplete cnnlab checkpoint (missing {exc}): it is corrupt") from None

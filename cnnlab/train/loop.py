@@ -21,6 +21,7 @@ from cnnlab.data.dataset import DatasetSplits, ImageDataset, Normalization
 from cnnlab.data.sources import load_splits, normalization_for
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
+from cnnlab.train.averaging import WeightAverage
 from cnnlab.train.checkpoint import Checkpoint
 from cnnlab.train.engine import Engine, make_engine
 from cnnlab.train.evaluate import Report, evaluate, report
@@ -69,9 +70,15 @@ def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Chec
     augmenter = make_augmenter(config, device)
     start_epoch, step, rows, best_accuracy = 0, 0, [], -1.0
     if resume is not None:
-        model.load_state_dict(resume.build_model().state_dict())
+        saved = resume.build_model()  # checks that the weights fit the model
+        model.load_state_dict(saved.state_dict() if resume.training_state is None else resume.training_state)
     model.to(device)
     engine = make_engine(model, config)
+    # With --ema, validation, checkpoints and the test use the weights' moving average.
+    average = WeightAverage(model, config.ema, updates=resume.step if resume else 0) if config.ema else None
+    if average is not None and resume is not None and resume.training_state is not None:
+        average.model.load_state_dict(resume.model_state)
+    evaluated = average.model if average is not None else model
     if resume is not None:
         engine.load_optimizer_state(resume.optimizer_state)
         torch.set_rng_state(resume.rng["torch"])
@@ -97,10 +104,10 @@ def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Chec
         model.train()
         order = torch.randperm(len(train_data), generator=shuffle).to(device)
         train_loss, train_accuracy, step = train_one_epoch(
-            engine, train_data, order, normalization, config, step, total_steps, augmenter, progress
+            engine, train_data, order, normalization, config, step, total_steps, augmenter, progress, average
         )
         seconds = time.perf_counter() - started
-        val = evaluate(model, val_data, normalization)
+        val = evaluate(evaluated, val_data, normalization)
         row = {
             "epoch": epoch,
             "lr": learning_rate(config.optim, max(step - 1, 0), steps_per_epoch, total_steps),
@@ -114,7 +121,8 @@ def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Chec
         rows.append(row)
         checkpoint = Checkpoint(
             model=model_info,
-            model_state=model.state_dict(),
+            model_state=evaluated.state_dict(),
+            training_state=model.state_dict() if average is not None else None,
             normalization=normalization,
             classes=splits.classes,
             dataset=config.dataset,
@@ -153,8 +161,12 @@ def train_one_epoch(
     total_steps: int,
     augmenter,
     progress: Progress,
+    average: WeightAverage | None = None,
 ) -> tuple[float, float, int]:
-    """One pass over `data` in `order`. Returns (mean loss, accuracy, the next step number)."""
+    """One pass over `data` in `order`, updating `average` after each step when given.
+
+    Returns (mean loss, accuracy, the next step number).
+    """
     steps_per_epoch = -(-len(data) // config.batch_size)
     # Running sums stay on the device: reading them every batch would force a sync.
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.images.device)
@@ -173,6 +185,8 @@ def train_one_epoch(
             raise CnnlabError(
                 f"the loss became {loss.item()} at step {step}: training diverged; lower --lr or set --grad-clip"
             )
+        if average is not None:
+            average.update()
         loss_sum += loss.to(torch.float64) * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum()
         step += 1

@@ -45,20 +45,24 @@ def test_the_same_seed_gives_the_same_weights(tmp_path):
         assert torch.equal(value, weights(tmp_path / "b")[key]), key
 
 
-def test_resume_continues_exactly(tmp_path):
-    """2 epochs straight == 1 epoch, then --resume --epochs 2: bit-identical weights.
+@pytest.mark.parametrize("averaging", [[], ["--ema", "0.9"]], ids=["raw", "ema"])
+def test_resume_continues_exactly(tmp_path, averaging):
+    """2 epochs straight == 1 epoch, then --resume --epochs 2: bit-identical weights (and average).
 
     One-cycle and cosine schedules are laid over the number of epochs a run is
     started with, so a 1-epoch run differs from a 2-epoch one by design; a
     step-wise schedule does not, which makes 1 + 1 == 2 testable literally.
     """
-    recipe = ["--schedule", "step", "--step-size", "1", "--gamma", "0.5", "--label-smoothing", "0.1"]
+    recipe = ["--schedule", "step", "--step-size", "1", "--gamma", "0.5", "--label-smoothing", "0.1", *averaging]
     assert train(tmp_path, "straight", "--epochs", "2", *recipe) == 0
     assert train(tmp_path, "split", "--epochs", "1", *recipe) == 0
     assert main(["train", "--resume", str(tmp_path / "split"), "--epochs", "2"]) == 0
-    straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
-    for key in straight:
-        assert torch.equal(straight[key], split[key]), key
+    straight, split = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt") for run in ("straight", "split"))
+    for key in straight.model_state:
+        assert torch.equal(straight.model_state[key], split.model_state[key]), key
+    assert (straight.training_state is None) == (not averaging) == (split.training_state is None)
+    for key in straight.training_state or {}:
+        assert torch.equal(straight.training_state[key], split.training_state[key]), key
     assert yaml.safe_load((tmp_path / "split" / "config.yaml").read_text())["epochs"] == 2
 
 
@@ -86,6 +90,32 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
         assert torch.equal(straight[key], resumed[key]), key
     rows = list(csv.DictReader(open(tmp_path / "cut" / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def test_with_ema_the_average_is_validated_saved_and_tested(tmp_path):
+    """--ema: each epoch's validation is the averaged weights', and so are the checkpoints' model weights."""
+    from cnnlab.data.sources import load_splits
+    from cnnlab.train.evaluate import evaluate
+
+    assert train(tmp_path, "r", "--epochs", "2", "--ema", "0.9") == 0
+    last = load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert last.training_state is not None
+    assert any(not torch.equal(last.model_state[k], last.training_state[k]) for k in last.model_state)
+    val = load_splits("digits", None, 0.1, 3).val
+    raw = last.build_model()
+    raw.load_state_dict(last.training_state)
+    on_average = evaluate(last.build_model(), val, last.normalization)
+    assert last.metrics["val_loss"] == pytest.approx(on_average.loss, rel=1e-6)
+    assert last.metrics["val_loss"] != pytest.approx(evaluate(raw, val, last.normalization).loss, rel=1e-6)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    best = load_checkpoint(tmp_path / "r" / "checkpoints" / "best.pt")
+    test = load_splits("digits", None, 0.1, 3).test
+    assert summary["test_accuracy"] == evaluate(best.build_model(), test, best.normalization).accuracy
+
+
+def test_ema_outside_zero_to_one_is_refused(tmp_path, capsys):
+    assert train(tmp_path, "r", "--epochs", "1", "--ema", "1") == 2
+    assert "--ema must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_resume_refuses_to_change_the_recipe(tmp_path, capsys):
