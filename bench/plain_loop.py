@@ -4,8 +4,13 @@ The whole training split is normalized once and held in memory as one float32
 tensor; a batch is a slice of a shuffled index. Same LeNet-5 as cnnlab (built
 by cnnlab's registry: plain torch layers, same initialisation), batch 256,
 SGD with Nesterov momentum 0.9 and weight decay 5e-4, torch's OneCycleLR,
-10 epochs. PyTorch's own layers, no fused kernels, default allocator: what a
+15 epochs. PyTorch's own layers, no fused kernels, default allocator: what a
 careful PyTorch user writes first.
+
+The length is the one that gets this loop to 90% test accuracy soonest on
+Fashion-MNIST (seed 0): over 10 epochs it ends at 89.9% without reaching it;
+over 15 it first reaches it at epoch 14 (90.2%, ending at 90.3%); over 20 at
+epoch 18, over 30 at epoch 23 (ending at 90.5%).
 
     python bench/plain_loop.py --out result.json [--budget 300] [--dataset fashion-mnist]
 """
@@ -25,7 +30,7 @@ from cnnlab.models import create_model
 from measure import Clock, Record, bench_splits, contender_parser, test_accuracy
 
 BATCH_SIZE = 256
-EPOCHS = 10
+EPOCHS = 15
 LR = 0.1
 
 

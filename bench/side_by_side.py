@@ -10,8 +10,8 @@ the median ratio over the rounds is reported with its range.
     (b)  plain_loop.py's step: a slice of the normalized float32 training tensor,
          model(x), cross-entropy, backward, SGD (Nesterov), OneCycleLR; batch 256
     (c)  cnnlab's step as `cnnlab train --dataset D` runs it: `train_one_epoch`
-         with the resolved configuration (the recipe's batch, augmentation and
-         loss), the batch gather and normalization included
+         with the resolved configuration (the recipe's batch, augmentation, loss
+         and weight average), the batch gather and normalization included
 
     python bench/side_by_side.py --out result.json [--dataset fashion-mnist] [--rounds 9] [--steps 40]
                                  [--batch-size N]  # (c) at another batch
@@ -33,6 +33,7 @@ import plain_loop
 from cnnlab.config import resolve_config
 from cnnlab.data.sources import normalization_for
 from cnnlab.models import create_model
+from cnnlab.train.averaging import WeightAverage
 from cnnlab.train.engine import AutogradEngine
 from cnnlab.train.loop import make_augmenter, train_one_epoch
 from fastpath import StepTimer
@@ -105,13 +106,14 @@ def cnnlab_steps(splits, config, steps: int):
     model = create_model(config.model, splits.image_shape, len(splits.classes))
     engine = AutogradEngine(model, config)
     augmenter = make_augmenter(config, torch.device("cpu"))
+    average = WeightAverage(model, config.ema) if config.ema else None
     n = min(len(splits.train), config.batch_size * steps)
     train = splits.train.subset(torch.arange(n))
 
     def run() -> list[float]:
         timer = StepTimer()
         order = torch.randperm(n)
-        train_one_epoch(engine, train, order, normalization, config, 0, 10**6, augmenter, timer)
+        train_one_epoch(engine, train, order, normalization, config, 0, 10**6, augmenter, timer, average)
         return timer.seconds
 
     return run
