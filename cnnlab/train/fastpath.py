@@ -16,11 +16,18 @@ instead of PyTorch's kernel, and fused with the ReLU next to it:
   eager on two threads, depending on the CPU and the batch, and ~1.5x on one
   (`python bench/fastpath.py`).
 
+One more change, for inference on a few images (serving one request at a
+time): there, each convolution runs PyTorch's im2col kernel instead of
+oneDNN's, whose per-call setup dominates a tiny batch (LeNet-5's convolutions
+at batch 1: ~20 us each instead of ~77). Its sums are ordered differently, so
+up to SMALL_BATCH images the logits equal the model's up to float rounding
+(~1e-6); above it, and whenever gradients are recorded, bit for bit.
+
 Every other layer runs as itself, and the module's parameters are never
 touched, so checkpoints, the hand-written engine and every reader of the
-state_dict see the ordinary model. Forward hooks on the model or on its pools
-and ReLUs do not fire on this path. Models with no such pool, and any device
-but the CPU, get `model` itself back.
+state_dict see the ordinary model. Forward hooks on the model or on its pools,
+ReLUs and convolutions do not fire on this path. Models with no such pool,
+and any device but the CPU, get `model` itself back.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ from cnnlab.backprop.pool import MaxPool2d
 from cnnlab.backprop.tiled_maxpool import tiled_max_pool, tiled_max_pool_backward
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+
+# Up to this many images, inference convolutions take PyTorch's im2col kernel: LeNet-5's are
+# 2-4x faster there than oneDNN's at batch 1-8, and slower from 16 (conv2) or 32 (conv1) up.
+SMALL_BATCH = 8
 
 
 def fast_forward(model: nn.Module, device: torch.device | str = "cpu") -> Forward:
@@ -96,8 +107,29 @@ class _TiledMaxPool(torch.autograd.Function):
         return tiled_max_pool_backward(dout, switch, ctx.kernel, ctx.in_shape), None, None
 
 
+class _Conv:
+    """A Conv2d; inference on at most SMALL_BATCH images runs PyTorch's im2col kernel instead of oneDNN's."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if len(x) > SMALL_BATCH or torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.float64):
+            return conv(x)
+        return torch.ops.aten.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
+
+    @staticmethod
+    def fits(layer: nn.Module) -> bool:
+        """Whether `layer` is a convolution the im2col kernel computes: zero padding, no dilation or groups."""
+        return (
+            isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.dilation == (1, 1)
+            and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+        )  # fmt: skip
+
+
 def _plan(layers: list[nn.Module]) -> list[Forward]:
-    """The layers in the order they run, tiling pools (and a ReLU on either side) replaced."""
+    """The layers in the order they run: tiling pools (and a ReLU on either side) and convolutions replaced."""
     steps: list[Forward] = []
     i = 0
     while i < len(layers):
@@ -107,6 +139,9 @@ def _plan(layers: list[nn.Module]) -> list[Forward]:
             i += 2
         elif tiles(layer):
             steps.append(_TiledPool([layer]))
+            i += 1
+        elif _Conv.fits(layer):
+            steps.append(_Conv(layer))
             i += 1
         else:
             steps.append(layer)

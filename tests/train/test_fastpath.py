@@ -1,11 +1,12 @@
-"""The fast path computes what the model computes: the same logits and gradients, bit for bit; model untouched."""
+"""The fast path computes what the model computes: the same logits and gradients, bit for bit (up to
+rounding for inference on a few images); model untouched."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cnnlab.models import all_models, create_model
-from cnnlab.train.fastpath import fast_forward
+from cnnlab.train.fastpath import SMALL_BATCH, fast_forward
 
 
 def images_with_ties(n: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -20,7 +21,8 @@ def images_with_ties(n: int, shape: tuple[int, int, int]) -> torch.Tensor:
 def test_fast_forward_matches_the_model_in_values_and_gradients(name, in_shape):
     torch.manual_seed(0)
     model = create_model(name, in_shape, num_classes=10)
-    x, y = images_with_ties(8, in_shape), torch.arange(8) % 10
+    n = SMALL_BATCH + 4  # above the small-batch inference path, which rounds differently
+    x, y = images_with_ties(n, in_shape), torch.arange(n) % 10
 
     F.cross_entropy(model(x), y).backward()
     expected = {k: p.grad.clone() for k, p in model.named_parameters()}
@@ -35,6 +37,28 @@ def test_fast_forward_matches_the_model_in_values_and_gradients(name, in_shape):
         assert torch.equal(param.grad, expected[key]), key
     with torch.inference_mode():  # the path evaluation and prediction take: no autograd.Function
         assert torch.equal(fast_forward(model)(x), model(x))
+
+
+@pytest.mark.parametrize("name", sorted(spec.name for spec in all_models()))
+def test_inference_on_a_few_images_takes_the_im2col_convolution_and_matches_to_rounding(name):
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    model = create_model(name, (1, 28, 28), num_classes=10).eval()
+    forward = fast_forward(model)
+    for n in (1, SMALL_BATCH):
+        x = images_with_ties(n, (1, 28, 28))
+        with torch.inference_mode():
+            torch.testing.assert_close(forward(x), model(x), rtol=1e-5, atol=1e-5)
+    if forward is model:  # no tiling pool, not a Sequential (the ResNets): nothing to check the kernels of
+        return
+    kernels = {}
+    for n in (1, SMALL_BATCH + 1):
+        with torch.inference_mode(), profile() as prof:
+            forward(torch.randn(n, 1, 28, 28))
+        kernels[n] = {event.name for event in prof.events()}
+    assert "aten::thnn_conv2d" in kernels[1] and "aten::mkldnn_convolution" not in kernels[1]
+    assert "aten::mkldnn_convolution" in kernels[SMALL_BATCH + 1] and "aten::thnn_conv2d" not in kernels[SMALL_BATCH + 1]
 
 
 def test_fast_forward_leaves_parameters_and_state_dict_as_they_were():
