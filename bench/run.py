@@ -256,7 +256,7 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {result['label']} | {result['batch_size']} | {result['images_per_s']:,.0f} | "
             + (f"{reached:.1f} s" if reached is not None else "not reached")
-            + f" | {result['epochs_to_target'] if reached is not None else '-'} | "
+            + f" | {format(result['epochs_to_target'], 'g') if reached is not None else '-'} | "
             f"{100 * result['final_test_accuracy']:.2f}%"
             + (" (budget)" if result["stopped_by_budget"] else "")
             + f" | {result['peak_rss_mb']:.0f} MiB | {result.get('gflops', 0):.1f} "
