@@ -44,6 +44,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--schedule", "optim.schedule", {"choices": SCHEDULES}),
     ("--step-size", "optim.step_size", {"type": int, "help": "epochs between decays (step schedule)"}),
     ("--gamma", "optim.gamma", {"type": float, "help": "decay factor (step schedule)"}),
+    ("--warmup", "optim.warmup_fraction", {"type": float, "help": "one-cycle: share of the steps spent "
+                                            "warming up to the peak rate; default 0.25"}),
     ("--grad-clip", "optim.grad_clip", {"type": float, "help": "max gradient norm; 0 = off"}),
     ("--label-smoothing", "label_smoothing", {"type": float}),
     ("--ema", "ema", {"type": float, "help": "validate, save and test a moving average of the weights, "

@@ -90,9 +90,11 @@ def test_datasets_says_where_each_was_found_or_how_to_get_it(mnist_root, capsys)
 def test_config_file_with_flags_overriding_it(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text("epochs: 3\nbatch_size: 64\noptim:\n  lr: 0.02\n  schedule: cosine\n")
-    assert main(["train", "--config", str(config), "--epochs", "1", "--runs-dir", str(tmp_path), "--name", "c"]) == 0
+    flags = ["--epochs", "1", "--warmup", "0.1", "--runs-dir", str(tmp_path), "--name", "c"]
+    assert main(["train", "--config", str(config), *flags]) == 0
     saved = (tmp_path / "c" / "config.yaml").read_text()
     assert "epochs: 1" in saved and "batch_size: 64" in saved and "lr: 0.02" in saved and "schedule: cosine" in saved
+    assert "warmup_fraction: 0.1" in saved
 
 
 def test_a_tuned_recipe_is_announced_and_yields_to_the_config_file_and_flags(tmp_path, capsys):
@@ -146,6 +148,7 @@ def test_module_entry_point_runs(tmp_path):
         (["--batch-size", "many"], "invalid int value: 'many'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+        (["--warmup", "1"], "--warmup must be in (0, 1), got 1.0"),
     ],
 )
 def test_impossible_options_are_refused(tmp_path, capsys, flags, message):
