@@ -34,10 +34,11 @@ class WeightAverage:
     """
 
     def __init__(self, source: nn.Module, decay: float, updates: int = 0) -> None:
-        self.source, self.decay, self.updates = source, decay, updates
+        self.decay, self.updates = decay, updates
         self.model = copy.deepcopy(source).eval().requires_grad_(False)
-        self._averaged = list(self.model.parameters())
-        self._weights = list(source.parameters())
+        # Listed once: walking the module tree on every step would be Python work on the hot path.
+        self._averaged, self._weights = list(self.model.parameters()), list(source.parameters())
+        self._buffer_pairs = list(zip(self.model.buffers(), source.buffers()))
 
     def update(self) -> None:
         """Move the average towards `source`'s current weights (call after every optimizer step)."""
@@ -45,6 +46,6 @@ class WeightAverage:
         with torch.no_grad():
             # One kernel launch for all parameter tensors instead of one per tensor.
             torch._foreach_lerp_(self._averaged, self._weights, 1 - decay)
-            for averaged, buffer in zip(self.model.buffers(), self.source.buffers()):
+            for averaged, buffer in self._buffer_pairs:
                 averaged.copy_(buffer)
         self.updates += 1

@@ -21,7 +21,7 @@ time): there, each convolution runs PyTorch's im2col kernel instead of
 oneDNN's, whose per-call setup dominates a tiny batch (LeNet-5's convolutions
 at batch 1: ~20 us each instead of ~77). Its sums are ordered differently, so
 up to SMALL_BATCH images the logits equal the model's up to float rounding
-(~1e-6); above it, and whenever gradients are recorded, bit for bit.
+(~1e-8 on LeNet-5); above it, and whenever gradients are recorded, bit for bit.
 
 Every other layer runs as itself, and the module's parameters are never
 touched, so checkpoints, the hand-written engine and every reader of the
