@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from cnnlab.train.evaluate import evaluate
 from cnnlab.train.loop import fit
 from cnnlab.train.progress import Progress
 from cnnlab.train.rundir import RunDirectory
-from measure import Clock, Record, bench_splits, contender_parser
+from measure import Clock, Record, Turns, bench_splits, contender_parser
 
 
 class BudgetSpent(Exception):
@@ -36,24 +35,25 @@ class BudgetSpent(Exception):
 
 
 class BenchProgress(Progress):
-    def __init__(self, run: RunDirectory, test: ImageDataset, record: Record, budget_s: float) -> None:
+    def __init__(self, run: RunDirectory, test: ImageDataset, record: Record, budget_s: float, turns: Turns) -> None:
         super().__init__(bar=False, quiet=True)
-        self.run, self.test, self.record, self.budget_s = run, test, record, budget_s
+        self.run, self.test, self.record, self.budget_s, self.turns = run, test, record, budget_s, turns
         self.clock: Clock | None = None
 
     def message(self, text: str) -> None:
         if self.clock is None:  # fit's first message comes just before the first epoch
+            self.turns.take()
             self.clock = Clock(self.budget_s)
 
     def end_epoch(self, row: dict[str, float], epochs: int) -> None:
         assert self.clock is not None
-        paused = time.perf_counter()
         elapsed = self.clock.elapsed()
-        checkpoint = load_checkpoint(self.run.checkpoints / "last.pt")
-        accuracy = evaluate(checkpoint.build_model(), self.test, checkpoint.normalization).accuracy
-        self.record.add_epoch(row["epoch"], elapsed, row["seconds"], self.record.train_images, accuracy)
-        print(f"{self.record.name}: epoch {int(row['epoch'])}  test {100 * accuracy:.2f}%", file=sys.stderr)
-        self.clock.excluded += time.perf_counter() - paused
+        with self.clock.stopped():
+            checkpoint = load_checkpoint(self.run.checkpoints / "last.pt")
+            accuracy = evaluate(checkpoint.build_model(), self.test, checkpoint.normalization).accuracy
+            self.record.add_epoch(row["epoch"], elapsed, row["seconds"], self.record.train_images, accuracy)
+            print(f"{self.record.name}: epoch {int(row['epoch'])}  test {100 * accuracy:.2f}%", file=sys.stderr)
+            self.turns.take()
         if self.clock.spent() and row["epoch"] < epochs:
             self.record.stopped_by_budget = True
             raise BudgetSpent
@@ -79,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as runs:
         config.runs_dir = runs
         run = RunDirectory.create(Path(runs) / "bench", overwrite=False)
-        progress = BenchProgress(run, test, record, args.budget)
+        turns = Turns(args.turn_fds)
+        record.turns = turns.log
+        progress = BenchProgress(run, test, record, args.budget, turns)
         try:
             result = fit(config, run, progress)
             record.final_test_accuracy = round(result.test.evaluation.accuracy, 4)

@@ -15,16 +15,22 @@ stops its clock, tests the model, and starts the clock again:
 
 A budget caps every contender: it stops at the first epoch end (or, for the
 per-batch recipes, the first batch) past the budget.
+
+bench/run.py runs the contenders at the same time, taking turns epoch by
+epoch (`Turns`), so that the host's drift falls on all of them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +54,7 @@ def contender_parser(description: str, epochs: int | None, epochs_help: str | No
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of training at most")
     parser.add_argument("--epochs", type=int, default=epochs, help=epochs_help)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--turn-fds", help="set by bench/run.py: the file descriptors 'GO,DONE' of its turn pipes")
     return parser
 
 
@@ -98,6 +105,42 @@ class Clock:
     def spent(self) -> bool:
         return self.elapsed() >= self.budget_s
 
+    @contextmanager
+    def stopped(self) -> Iterator[None]:
+        """Time spent in the block does not count: the bench's tests, waiting for a turn."""
+        paused = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - paused
+
+
+class Turns:
+    """One contender trains at a time: epoch-by-epoch turns handed out by bench/run.py.
+
+    The host's speed drifts by 20-30% over minutes, so contenders timed one
+    after another are timed on different machines. bench/run.py starts them
+    together instead and lets one train at a time: a contender calls `take`
+    before its first epoch (saying it is ready) and after each epoch's test (handing
+    the turn on), outside its clock; `take` returns when its next turn comes.
+    Two pipes carry the turns: the runner writes a byte to GO to start a turn,
+    the contender one to DONE to end it. Run by hand (no --turn-fds), `take` returns at once.
+    """
+
+    def __init__(self, fds: str | None) -> None:
+        self.go, self.done = (int(fd) for fd in fds.split(",")) if fds else (None, None)
+        self.log: list[list[float]] = []  # wall-clock [start, end] of each turn, the current one [start]
+
+    def take(self) -> None:
+        if self.done is None:
+            return
+        if self.log:
+            self.log[-1].append(round(time.time(), 4))
+        os.write(self.done, b".")
+        if not os.read(self.go, 1):
+            raise SystemExit("bench: the runner that hands out the turns has gone")
+        self.log.append([round(time.time(), 4)])
+
 
 @dataclass
 class Record:
@@ -111,6 +154,7 @@ class Record:
     final_test_accuracy: float | None = None
     stopped_by_budget: bool = False
     notes: list[str] = field(default_factory=list)
+    turns: list[list[float]] = field(default_factory=list)
 
     def add_epoch(self, epoch: float, elapsed: float, train_seconds: float, images: int, test_accuracy: float) -> None:
         self.epochs.append(
@@ -142,6 +186,7 @@ class Record:
             "torch_threads": torch.get_num_threads(),
             "epochs": self.epochs,
             "notes": self.notes,
+            "turns": self.turns,
         }
 
     def write(self, path: Path) -> None:

@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 
 from cnnlab.data.dataset import DatasetSplits
 from cnnlab.models import create_model
-from measure import Clock, Record, bench_splits, contender_parser, test_accuracy
+from measure import Clock, Record, Turns, bench_splits, contender_parser, test_accuracy
 
 BATCH_SIZE = 256
 EPOCHS = 15
@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     record = Record("plain PyTorch loop", f"tensors in memory, batch {BATCH_SIZE}, SGD Nesterov + OneCycleLR {LR}",
                     BATCH_SIZE, len(x_train))  # fmt: skip
+    turns = Turns(args.turn_fds)
+    record.turns = turns.log
+    turns.take()
     clock = Clock(args.budget)
     for epoch in range(1, args.epochs + 1):
         model.train()
@@ -61,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                 break
         seconds = time.perf_counter() - started
         record.stopped_by_budget = images < len(x_train) or (clock.spent() and epoch < args.epochs)
-        paused = time.perf_counter()
-        model.eval()
-        accuracy = test_accuracy(model, x_test, splits.test.labels)
-        clock.excluded += time.perf_counter() - paused
+        with clock.stopped():
+            model.eval()
+            accuracy = test_accuracy(model, x_test, splits.test.labels)
+            turns.take()
         record.add_epoch(round(epoch - 1 + images / len(x_train), 3), clock.elapsed(), seconds, images, accuracy)
         record.final_test_accuracy = round(accuracy, 4)
         print(f"plain loop: epoch {epoch}  test {100 * accuracy:.2f}%", file=sys.stderr)

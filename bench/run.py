@@ -7,20 +7,22 @@
 
 All four train the same LeNet-5 on the same train split and are tested on the
 same test split, each in its own process (see measure.py for the figures and
-how they are taken). (b), (c) and (d) run `--repeats` times, taking turns, and
-the run that trained in the least time is reported: load from elsewhere on the
-machine only ever adds time. Since the host's load drifts between those runs,
-bench/side_by_side.py then times (b)'s and (c)'s steps taking turns in one
-process, for a c/b that the drift does not move. Then inference
-(bench/inference.py) and a float32 matmul give the scale: what this CPU can
-do, and how much of it training uses.
+how they are taken). The host's speed drifts by 20-30% over minutes, so the
+contenders do not run one after another: a round starts them together and
+hands out turns, one epoch at a time, in order (a b c d a b c d ...; see
+measure.Turns), so that every stretch of the host's drift falls on each of
+them alike. There are `--repeats` rounds (the seed recipe, which trains for
+the whole budget, runs in the first only); each contender's figures are the
+medians over its runs, each ratio the median of the rounds' ratios. Then
+bench/side_by_side.py times (b)'s and (c)'s steps taking turns in one process,
+and inference (bench/inference.py) and a float32 matmul give the scale: what
+this CPU can do, and how much of it training uses.
 
-    python bench/run.py [--budget 600] [--quick] [--out PATH] [--docs PATH]
+    python bench/run.py [--budget 600] [--repeats 3] [--quick] [--out PATH] [--docs PATH]
 
-Results go to bench/results/<name>.json (machine, versions, command, date) and,
-unless --quick, into the generated section of docs/performance.md. On a
-machine shared with other work, timings are noisy: compare figures from one
-run, and take final figures on a quiet machine.
+Results go to bench/results/<name>.json (machine, versions, command, date,
+every run) and, unless --quick, into the generated section of
+docs/performance.md.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import argparse
 import importlib.util
 import json
 import os
+import math
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,8 +69,8 @@ QUICK = {"budget": 4.0, "train_limit": 2000, "test_limit": 500, "epochs": 2}
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=600.0, help="seconds of training per contender, at most")
-    parser.add_argument("--repeats", type=int, default=2, help="runs of each contender but the seed recipe; "
-                        "the least disturbed one (shortest training time) is reported")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of (b), (c) and (d) taking turns; "
+                        "figures are medians over the rounds")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny budget and data subset: checks the bench runs")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--name", default=None, help="results file name (default: the dataset, or 'quick')")
@@ -93,12 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     matmul = matmul_gflops()
     flops = training_flops_per_image(create_model("lenet5", (1, 28, 28), 10), (1, 28, 28))
     repeats = 1 if args.quick else max(1, args.repeats)
-    runs: dict[str, list[dict]] = {}
+    rounds: list[dict[str, dict]] = []
     contenders = {}
     with tempfile.TemporaryDirectory() as scratch:
-        # Repeats take turns (b c d b c d), so that a burst of load elsewhere on the
-        # machine spoils at most one run of each; the seed recipe runs once, for its budget.
         for repeat in range(repeats):
+            jobs = {}
             for key, label, script, extra in CONTENDERS:
                 if key == "seed_recipe" and repeat > 0:
                     continue
@@ -107,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 epochs = ["--epochs", str(QUICK["epochs"])] if args.quick else []
                 arguments = ["--dataset", args.dataset, "--budget", str(budget), *limits, *epochs, *extra]
-                runs.setdefault(key, []).append(_run_contender(script, arguments, Path(scratch) / f"{key}.json"))
+                jobs[key] = (script, arguments, Path(scratch) / f"{key}-{repeat}.json")
+            rounds.append(run_in_turns(jobs))
         for key, label, _, _ in CONTENDERS:
-            if key in runs:
-                contenders[key] = {"label": label, **_least_disturbed(runs[key])}
+            if key not in contenders:
+                contenders[key] = {"label": label, **medians([r[key] for r in rounds if key in r])}
             else:
                 print(f"bench: {label} skipped: {contenders[key]['skipped']}", file=sys.stderr)
         inference_args = ["--dataset", args.dataset, *(["--quick"] if args.quick else [])]
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "training_flops_per_image": flops,
         "matmul": matmul,
         "contenders": contenders,
-        "ratios": _ratios(contenders),
+        "ratios": median_ratios([_ratios(r) for r in rounds]),
         "side_by_side": side_by_side,
         "inference": inference,
         "machine": _machine(),
@@ -151,25 +155,83 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_contender(script: str, arguments: list[str], out: Path) -> dict:
-    try:
-        return _run_script(script, arguments, out)
-    except subprocess.CalledProcessError as exc:
-        return {"error": f"{script} exited with status {exc.returncode}"}
+def run_in_turns(jobs: dict[str, tuple[str, list[str], Path]]) -> dict[str, dict]:
+    """Run the contender scripts at once, one epoch at a time each, in turn; their results by key.
+
+    Each gets two pipes (measure.Turns): it writes a byte to DONE when it is
+    ready to train and after every epoch, and waits for a byte on GO to start
+    the next. A contender that exits (finished, or failed) closes DONE and
+    leaves the rotation.
+    """
+    running = {}
+    for key, (script, arguments, out) in jobs.items():
+        go_read, go_write = os.pipe()
+        done_read, done_write = os.pipe()
+        command = [sys.executable, str(BENCH / script), "--out", str(out), "--turn-fds", f"{go_read},{done_write}"]
+        # stderr passes through: the contenders print one line per epoch, and only one trains at a time.
+        process = subprocess.Popen([*command, *arguments], cwd=ROOT, pass_fds=(go_read, done_write))
+        os.close(go_read)
+        os.close(done_write)
+        running[key] = (process, go_write, done_read)
+    # Everyone ready (data loaded, model built) before the first turn, so no one's loading overlaps a turn.
+    rotation = [key for key, (_, _, done) in running.items() if os.read(done, 1)]
+    while rotation:
+        for key in list(rotation):
+            _, go, done = running[key]
+            try:
+                os.write(go, b".")
+                ended = bool(os.read(done, 1))
+            except BrokenPipeError:
+                ended = False
+            if not ended:
+                rotation.remove(key)
+    results = {}
+    for key, (process, go, done) in running.items():
+        os.close(go)
+        os.close(done)
+        status = process.wait()
+        script, _, out = jobs[key]
+        results[key] = json.loads(out.read_text()) if status == 0 else {"error": f"{script} exited with status {status}"}
+    return results
 
 
-def _least_disturbed(runs: list[dict]) -> dict:
-    """The run that trained in the least time (noise only ever adds time), with every run's time noted."""
-    finished = [r for r in runs if r.get("epochs")]
+def medians(runs: list[dict]) -> dict:
+    """One contender's figures over its runs: medians (a run that never reached the target counts as slowest)."""
+    finished = [r for r in runs if "error" not in r]
     if not finished:
         return runs[0]
-    best = min(finished, key=lambda r: r["epochs"][-1]["elapsed_s"])
-    return {**best, "peak_rss_mb": max(r["peak_rss_mb"] for r in finished),
-            "runs_training_s": [r["epochs"][-1]["elapsed_s"] for r in finished]}  # fmt: skip
+
+    def median(field: str) -> float | None:
+        values = [math.inf if r[field] is None else r[field] for r in finished]
+        middle = statistics.median_low(values)
+        return None if middle == math.inf else middle
+
+    return {
+        "description": finished[0]["description"],
+        "batch_size": finished[0]["batch_size"],
+        "images_per_s": median("images_per_s"),
+        "time_to_target_s": median("time_to_target_s"),
+        "epochs_to_target": median("epochs_to_target"),
+        "final_test_accuracy": median("final_test_accuracy"),
+        "stopped_by_budget": any(r["stopped_by_budget"] for r in finished),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in finished),
+        "runs": runs,
+    }
+
+
+def median_ratios(rounds: list[dict]) -> dict:
+    """The median over the rounds of each ratio, with every round's value; rounds without one are left out."""
+    merged = {}
+    for name, fields in rounds[0].items():
+        merged[name] = {}
+        for field in fields:
+            values = [r[name][field] for r in rounds if r[name][field] is not None]
+            merged[name][field] = round(statistics.median(values), 2) if values else None
+            merged[name][f"{field}_each_round"] = [r[name][field] for r in rounds]
+    return merged
 
 
 def _run_script(script: str, arguments: list[str], out: Path) -> dict:
-    # stderr passes through: the contenders print one line per epoch.
     subprocess.run([sys.executable, str(BENCH / script), "--out", str(out), *arguments], check=True, cwd=ROOT)
     return json.loads(out.read_text())
 
@@ -237,8 +299,10 @@ def markdown(results: dict) -> str:
         f"torch {machine['torch']} with {machine['torch_threads']} threads, Python {machine['python']}); "
         f"load average {results['load_average']['before']} before, {results['load_average']['after']} after. "
         f"Command: `{results['command']}`. Budget {results['budget_s']:.0f} s of training per contender."
-        + (f" (b), (c) and (d) ran {results['repeats']} times in turn; the run that trained fastest is shown "
-           "(peak RSS: the largest of the runs)." if results["repeats"] > 1 else "")
+        + " The contenders ran at once, taking turns epoch by epoch"
+        + (f", in {results['repeats']} rounds (the seed recipe in the first); figures are medians over the rounds "
+           "(peak RSS: the largest), ratios the median of the rounds' ratios (each round's in brackets)."
+           if results["repeats"] > 1 else ".")
         + (" Quick mode: a data subset, figures are not meaningful." if results["quick"] else ""),
         "",
         f"float32 matmul (1024x1024): {matmul['best_gflops']} GFLOP/s best, {matmul['median_gflops']} median. "
@@ -264,7 +328,10 @@ def markdown(results: dict) -> str:
         )
     lines += ["", f"| ratio | training throughput | time to {target} (speed-up) |", "|---|---:|---:|"]
     for name, ratio in results["ratios"].items():
-        lines.append(f"| {name} | {_times(ratio['throughput'])} | {time_to_target_speedup(ratio, target)} |")
+        lines.append(
+            f"| {name} | {_times(ratio['throughput'])}{_each_round(ratio['throughput_each_round'])} | "
+            f"{time_to_target_speedup(ratio, target)}{_each_round(ratio['time_to_target_speedup_each_round'])} |"
+        )
     steps = results["side_by_side"]
     low, high = steps["c_over_b_range"]
     lines += [
@@ -305,6 +372,10 @@ def time_to_target_speedup(ratio: dict, target: str) -> str:
     if bound:  # the other's whole run was shorter than the first's time to the target: no bound
         return f"only the first reached it (the other's whole run took x{bound} of its time to {target})"
     return _times(ratio["time_to_target_speedup"])
+
+
+def _each_round(values: list[float | None]) -> str:
+    return f" ({', '.join(_times(v) for v in values)})" if len(values) > 1 else ""
 
 
 def _times(value: float | None) -> str:

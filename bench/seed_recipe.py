@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn, optim
 from torch.utils.data import DataLoader, Dataset
 
-from measure import Clock, Record, bench_splits, contender_parser, test_accuracy
+from measure import Clock, Record, Turns, bench_splits, contender_parser, test_accuracy
 
 BATCH_SIZE = 4
 EPOCHS = 200
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
     record = Record("seed recipe", "seed 001: batch 4, Adam lr 0.001, per-image Dataset + DataLoader", BATCH_SIZE,
                     len(splits.train))  # fmt: skip
+    turns = Turns(args.turn_fds)
+    record.turns = turns.log
+    turns.take()
     clock = Clock(args.budget)
     batches = len(train_loader)
     for epoch in range(1, args.epochs + 1):
@@ -115,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                 break
         seconds = time.perf_counter() - started
         record.stopped_by_budget = done < batches or (clock.spent() and epoch < args.epochs)
-        paused = time.perf_counter()
-        model.eval()
-        accuracy = test_accuracy(model, test_x, splits.test.labels)
-        model.train()
-        clock.excluded += time.perf_counter() - paused
+        with clock.stopped():
+            model.eval()
+            accuracy = test_accuracy(model, test_x, splits.test.labels)
+            model.train()
+            turns.take()
         record.add_epoch(round(epoch - 1 + done / batches, 3), clock.elapsed(), seconds, images, accuracy)
         record.final_test_accuracy = round(accuracy, 4)
         print(f"seed recipe: epoch {epoch - 1 + done / batches:.2f}  test {100 * accuracy:.2f}%", file=sys.stderr)

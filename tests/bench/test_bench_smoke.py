@@ -34,8 +34,20 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
         assert "error" not in contender, contender
         assert contender["images_per_s"] > 0 and contender["gflops"] > 0
         assert 0 <= contender["final_test_accuracy"] <= 1
-        assert contender["epochs"] and all(0 <= e["test_accuracy"] <= 1 for e in contender["epochs"])
+        [run] = contender["runs"]  # one round in quick mode
+        assert run["epochs"] and all(0 <= e["test_accuracy"] <= 1 for e in run["epochs"])
+        assert contender["images_per_s"] == run["images_per_s"]
         assert contender["peak_rss_mb"] > 0
+    # The contenders ran at once but trained in turns: one turn per epoch, and no two turns overlap.
+    turns = []
+    for key in CONTENDERS:
+        if "runs" in results["contenders"][key]:
+            [run] = results["contenders"][key]["runs"]
+            assert len(run["turns"]) == len(run["epochs"]) + 1  # the last turn ends with the process
+            turns += [(start, end, key) for start, end in run["turns"][:-1]]
+    turns.sort()
+    assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(turns, turns[1:])), turns
+    assert {key for _, _, key in turns[:3]} == {"seed_recipe", "plain_loop", "cnnlab"}  # in rotation, from the start
     assert results["matmul"]["best_gflops"] > 0 and results["training_flops_per_image"] > 1e6
     steps = results["side_by_side"]
     assert steps["images_per_s"]["b"] > 0 and steps["images_per_s"]["c"] > 0
@@ -61,3 +73,42 @@ def test_a_time_to_target_that_only_one_side_reached_is_a_bound_or_said_as_such(
     short = {"time_to_target_speedup": None, "time_to_target_speedup_at_least": 0.5}
     assert "more than" not in time_to_target_speedup(short, "90%")
     assert time_to_target_speedup(short, "90%").startswith("only the first reached it")
+
+
+def test_a_contender_that_fails_leaves_the_rotation_and_the_others_finish(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from run import run_in_turns
+
+    quick = ["--dataset", "digits", "--epochs", "2", "--budget", "30"]
+    jobs = {
+        "broken": ("plain_loop.py", ["--dataset", "digits", "--epochs", "two"], tmp_path / "broken.json"),
+        "plain_loop": ("plain_loop.py", quick, tmp_path / "plain.json"),
+        "seed_recipe": ("seed_recipe.py", [*quick, "--train-limit", "200"], tmp_path / "seed.json"),
+    }
+    results = run_in_turns(jobs)
+    assert results["broken"] == {"error": "plain_loop.py exited with status 2"}
+    assert [e["epoch"] for e in results["plain_loop"]["epochs"]] == [1, 2]
+    assert [e["epoch"] for e in results["seed_recipe"]["epochs"]] == [1, 2]
+    # The two that ran alternated: plain, seed, plain, seed.
+    starts = sorted((turn[0], key) for key in ("plain_loop", "seed_recipe") for turn in results[key]["turns"][:2])
+    assert [key for _, key in starts] == ["plain_loop", "seed_recipe", "plain_loop", "seed_recipe"]
+
+
+def test_figures_over_rounds_are_medians_and_a_target_not_reached_counts_as_slowest(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from run import median_ratios, medians
+
+    def run(rate, to_target, accuracy):
+        return {"description": "d", "batch_size": 8, "images_per_s": rate, "time_to_target_s": to_target,
+                "epochs_to_target": None if to_target is None else 3, "final_test_accuracy": accuracy,
+                "stopped_by_budget": False, "peak_rss_mb": rate / 10}  # fmt: skip
+
+    summary = medians([run(100, 9.0, 0.91), run(300, None, 0.89), run(200, 7.0, 0.90)])
+    assert (summary["images_per_s"], summary["time_to_target_s"], summary["final_test_accuracy"]) == (200, 9.0, 0.90)
+    assert summary["peak_rss_mb"] == 30 and len(summary["runs"]) == 3
+    assert medians([run(100, None, 0.8), run(100, None, 0.8), run(1, 5.0, 0.9)])["time_to_target_s"] is None
+
+    rounds = [{"c/b": {"throughput": t, "time_to_target_speedup": s}} for t, s in ((1.2, None), (1.6, 1.5), (1.4, 1.7))]
+    merged = median_ratios(rounds)["c/b"]
+    assert merged["throughput"] == 1.4 and merged["time_to_target_speedup"] == 1.6
+    assert merged["throughput_each_round"] == [1.2, 1.6, 1.4]
