@@ -375,7 +375,8 @@ def time_to_target_speedup(ratio: dict, target: str) -> str:
 
 
 def _each_round(values: list[float | None]) -> str:
-    return f" ({', '.join(_times(v) for v in values)})" if len(values) > 1 else ""
+    """Every round's ratio, when there are several rounds and any of them has one."""
+    return f" ({', '.join(_times(v) for v in values)})" if len(values) > 1 and any(values) else ""
 
 
 def _times(value: float | None) -> str:

@@ -122,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             model.eval()
             accuracy = test_accuracy(model, test_x, splits.test.labels)
             model.train()
-            turns.take()
         record.add_epoch(round(epoch - 1 + done / batches, 3), clock.elapsed(), seconds, images, accuracy)
         record.final_test_accuracy = round(accuracy, 4)
         print(f"seed recipe: epoch {epoch - 1 + done / batches:.2f}  test {100 * accuracy:.2f}%", file=sys.stderr)
+        with clock.stopped():
+            turns.take()  # after the epoch's line is out: the next contender prints its own
         if record.stopped_by_budget:
             break
     record.write(args.out)

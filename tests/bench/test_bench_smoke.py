@@ -112,3 +112,23 @@ def test_figures_over_rounds_are_medians_and_a_target_not_reached_counts_as_slow
     merged = median_ratios(rounds)["c/b"]
     assert merged["throughput"] == 1.4 and merged["time_to_target_speedup"] == 1.6
     assert merged["throughput_each_round"] == [1.2, 1.6, 1.4]
+
+
+def test_the_onednn_breakdown_finds_every_convolution_pass_and_the_reorders(tmp_path):
+    out = tmp_path / "onednn.json"
+    command = [sys.executable, "bench/onednn_primitives.py", "--dataset", "digits", "--batch-size", "64",
+               "--steps", "3", "--out", str(out)]  # fmt: skip
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    result = json.loads(out.read_text())
+    assert result["step_ms"] > 0 and result["batch_size"] == 64
+    rows = result["rows"]
+    convolutions = {row["what"].split(" ")[0] for row in rows if row["primitive"] == "convolution"}
+    assert convolutions == {"forward_training", "backward_data", "backward_weights"}
+    # LeNet-5's first convolution (1 -> 6 channels), on the slice of 64 images.
+    assert any(row["primitive"] == "convolution" and row["problem"].startswith("mb64_ic1oc6") for row in rows)
+    assert any(row["primitive"] == "reorder" and " -> " in row["what"] for row in rows)
+    assert all(row["ms_per_step"] >= 0 for row in rows)
+    assert result["onednn_ms_per_step"] == pytest.approx(sum(row["ms_per_step"] for row in rows), abs=1e-2)
+    assert "| convolution |" in finished.stdout
