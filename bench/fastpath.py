@@ -2,20 +2,23 @@
 
 Times cnnlab's own training step (`AutogradEngine.train_step`, driven by the
 loop's `train_one_epoch`, per-batch data handling included) on LeNet-5 with
-Fashion-MNIST batches, three ways:
+Fashion-MNIST batches, four ways:
 
     eager              model(x) on the whole batch: PyTorch's max-pool and ReLU
     fast path          tiling max-pools fused with their ReLU in compiled loops
     fast path, sliced  the same, the batch split across the cores, one slice
                        each (cnnlab/train/slices.py): what `cnnlab train` runs
+    one slice alone    one core's share of that (the batch / the number of
+                       cores, on one thread) while the other cores idle: sliced
+                       over this is what the cores add up to together
 
 and, on the first pool's input (N, 6, 24, 24), ReLU + max-pool forward and
 backward: torch's kernels against `cnnlab.backprop.tiled_maxpool`.
 
-The variants take turns, `--rounds` times, each timing `--steps` steps of the
-same batches from the same starting weights; the median step of each turn,
-then the median over turns, is reported, so a busy neighbour slows all of
-them alike.
+Each variant runs in its own process (see `ablation` for why); they take
+turns, `--rounds` times, each timing `--steps` steps of the same batches from
+the same starting weights; the median step of each turn, then the median over
+turns, is reported, so a busy neighbour slows all of them alike.
 
     python bench/fastpath.py [--batch-sizes 256,512] [--rounds 7] [--steps 40]
     python bench/fastpath.py --profile   # where a fast-path step spends its time
@@ -31,9 +34,9 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,8 +49,10 @@ from cnnlab.train.engine import AutogradEngine
 from cnnlab.train.fastpath import fast_forward
 from cnnlab.train.loop import train_one_epoch
 from cnnlab.train.progress import Progress
+from measure import Turns
+from run import run_in_turns
 
-VARIANTS = ("eager", "fast path", "fast path, sliced")
+VARIANTS = ("eager", "fast path", "fast path, sliced", "one slice alone")
 RESULTS = Path(__file__).parent / "results" / "fastpath.json"
 PROFILE = Path(__file__).parent / "results" / "fastpath_profile.json"
 
@@ -67,41 +72,62 @@ class StepTimer(Progress):
 
 
 def ablation(batch_size: int, steps: int, rounds: int, dataset: str) -> list[dict]:
-    """Median seconds per step of each variant, interleaved over `rounds`."""
-    torch.manual_seed(0)
+    """Median seconds per step of each variant, each in its own process, taking turns over `rounds`.
+
+    One process per variant: after a sliced step, OpenMP stops spinning between parallel
+    regions for the rest of the process (cnnlab/train/slices.py), which slows the
+    whole-batch variants' two-thread operators; in one process they measured up to 40% slower.
+    """
+    with tempfile.TemporaryDirectory() as scratch:
+        arguments = ["--batch-sizes", str(batch_size), "--steps", str(steps), "--rounds", str(rounds),
+                     "--dataset", dataset]  # fmt: skip
+        jobs = {
+            variant: ("fastpath.py", ["--variant", variant, *arguments], Path(scratch) / f"{number}.json")
+            for number, variant in enumerate(VARIANTS)
+        }
+        timed = run_in_turns(jobs)
+    failed = [f"{variant}: {result['error']}" for variant, result in timed.items() if "error" in result]
+    if failed:
+        raise RuntimeError("; ".join(failed))
+    rows, base = [], statistics.median(timed["eager"]["step_s_each_round"])
+    for variant in VARIANTS:
+        result = timed[variant]
+        step_s = statistics.median(result["step_s_each_round"])
+        rows.append({
+            "variant": variant,
+            "batch_size": result["batch_size"],
+            "images_per_s": round(result["batch_size"] / step_s),
+            "speedup_vs_eager": round(base * result["batch_size"] / batch_size / step_s, 2),
+            "step_ms_each_round": [round(1e3 * s, 2) for s in result["step_s_each_round"]],
+        })
+    return rows
+
+
+def time_variant(variant: str, batch_size: int, steps: int, rounds: int, dataset: str, turns: Turns) -> dict:
+    """One variant's median step in each of `rounds` turns of `steps` steps (a child process of `ablation`)."""
+    alone = variant == "one slice alone"
+    cores = torch.get_num_threads()
+    torch.manual_seed(0)  # every variant's process starts from the same weights
     splits = load_splits(dataset, None, 0.1, 0)
     normalization = normalization_for(splits)
     n = min(len(splits.train), batch_size * steps)
     train, order = splits.train.subset(torch.arange(n)), torch.arange(n)
-    config = TrainConfig(batch_size=batch_size, optim=OptimConfig(lr=0.01, schedule="constant"))
-    initial = create_model("lenet5", splits.image_shape, len(splits.classes)).state_dict()
-    engines = {}
-    for position, variant in enumerate(VARIANTS):
-        model = create_model("lenet5", splits.image_shape, len(splits.classes))
-        model.load_state_dict(initial)
-        engine = AutogradEngine(model, config)
-        engine.forward = model if variant == "eager" else fast_forward(model)
-        engine.slices = engine.slices if variant == "fast path, sliced" else 1
-        engines[variant] = engine
-        train_one_epoch(engine, train, order, normalization, config, 0, steps, None, Progress(quiet=True))  # warm-up
-    medians: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    names = list(VARIANTS)
+    config = TrainConfig(batch_size=batch_size // cores if alone else batch_size,
+                         optim=OptimConfig(lr=0.01, schedule="constant"))  # fmt: skip
+    model = create_model("lenet5", splits.image_shape, len(splits.classes))
+    engine = AutogradEngine(model, config)
+    engine.forward = model if variant == "eager" else fast_forward(model)
+    engine.slices = engine.slices if variant == "fast path, sliced" else 1
+    if alone:
+        torch.set_num_threads(1)
+    train_one_epoch(engine, train, order, normalization, config, 0, steps, None, Progress(quiet=True))  # warm-up
+    medians = []
     for _ in range(rounds):
-        random.shuffle(names)
-        for variant in names:
-            timer = StepTimer()
-            train_one_epoch(engines[variant], train, order, normalization, config, 0, steps, None, timer)
-            medians[variant].append(statistics.median(timer.seconds))
-    rows, base = [], statistics.median(medians["eager"])
-    for variant in VARIANTS:
-        step_s = statistics.median(medians[variant])
-        rows.append({
-            "variant": variant,
-            "images_per_s": round(batch_size / step_s),
-            "speedup_vs_eager": round(base / step_s, 2),
-            "step_ms_each_round": [round(1e3 * s, 2) for s in medians[variant]],
-        })
-    return rows
+        turns.take()
+        timer = StepTimer()
+        train_one_epoch(engine, train, order, normalization, config, 0, steps, None, timer)
+        medians.append(statistics.median(timer.seconds))
+    return {"variant": variant, "batch_size": config.batch_size, "step_s_each_round": medians}
 
 
 # Name fragments of an operator or of any operator enclosing it -> what it does.
@@ -227,11 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per variant and round")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--profile", action="store_true", help="profile the full fast path instead")
+    parser.add_argument("--results", type=Path, help=f"where the figures go (default {RESULTS.name} or "
+                        f"{PROFILE.name} under bench/results)")  # fmt: skip
+    # A child process of the ablation: one variant, at the first batch size, in turns.
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--turn-fds", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    RESULTS.parent.mkdir(exist_ok=True)
+    if args.variant:
+        batch_size = int(args.batch_sizes.split(",")[0])
+        timed = time_variant(args.variant, batch_size, args.steps, args.rounds, args.dataset, Turns(args.turn_fds))
+        args.out.write_text(json.dumps(timed) + "\n")
+        return 0
+    results_path = args.results or (PROFILE if args.profile else RESULTS)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     if args.profile:
         result = profile(args.batch_size, args.steps, args.dataset)
-        PROFILE.write_text(json.dumps(result, indent=2) + "\n")
+        results_path.write_text(json.dumps(result, indent=2) + "\n")
         return 0
 
     results = []
@@ -240,9 +278,13 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(f"batch {batch_size:>4}  {row['variant']:<18} {row['images_per_s']:>8,} img/s  "
                   f"x{row['speedup_vs_eager']}")  # fmt: skip
+        rate = {row["variant"]: row["images_per_s"] for row in rows}
+        cores_together = round(rate["fast path, sliced"] / rate["one slice alone"], 2)
+        print(f"batch {batch_size:>4}  {torch.get_num_threads()} cores sliced = x{cores_together} one core's images/s")
         pool = pool_kernels(batch_size)
         print(f"batch {batch_size:>4}  ReLU + max-pool (ms): " + ", ".join(f"{k} {v}" for k, v in pool.items()))
-        results.append({"batch_size": batch_size, "rows": rows, "relu_max_pool_ms": pool})
+        results.append({"batch_size": batch_size, "rows": rows, "relu_max_pool_ms": pool,
+                        "sliced_over_one_slice_alone": cores_together})  # fmt: skip
     load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     summary = {
         "dataset": args.dataset,
@@ -254,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "load_average": load,
     }
-    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"written to {RESULTS}")
+    results_path.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"written to {results_path}")
     return 0
 
 

@@ -14,9 +14,14 @@ measure.Turns), so that every stretch of the host's drift falls on each of
 them alike. There are `--repeats` rounds (the seed recipe, which trains for
 the whole budget, runs in the first only); each contender's figures are the
 medians over its runs, each ratio the median of the rounds' ratios. Then
-bench/side_by_side.py times (b)'s and (c)'s steps taking turns in one process,
-and inference (bench/inference.py) and a float32 matmul give the scale: what
-this CPU can do, and how much of it training uses.
+inference (bench/inference.py) and a float32 matmul give the scale: what this
+CPU can do, and how much of it training uses.
+
+Each contender has a process of its own for its peak memory, and because
+contenders sharing a process do not run as they would alone: after cnnlab's
+sliced steps, OpenMP stops spinning between parallel regions process-wide
+(cnnlab/train/slices.py), and a plain loop's two-thread operators run 10-40%
+slower there.
 
     python bench/run.py [--budget 600] [--repeats 3] [--quick] [--out PATH] [--docs PATH]
 
@@ -119,8 +124,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {label} skipped: {contenders[key]['skipped']}", file=sys.stderr)
         inference_args = ["--dataset", args.dataset, *(["--quick"] if args.quick else [])]
         inference = _run_script("inference.py", inference_args, Path(scratch) / "inference.json")
-        steps = ["--rounds", "2", "--steps", "3", "--train-limit", str(QUICK["train_limit"])] if args.quick else []
-        side_by_side = _run_script("side_by_side.py", ["--dataset", args.dataset, *steps], Path(scratch) / "sbs.json")
 
     for result in contenders.values():
         if result.get("images_per_s"):
@@ -137,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         "matmul": matmul,
         "contenders": contenders,
         "ratios": median_ratios([_ratios(r) for r in rounds]),
-        "side_by_side": side_by_side,
         "inference": inference,
         "machine": _machine(),
         "load_average": {"before": load_before, "after": _load_average()},
@@ -332,14 +334,6 @@ def markdown(results: dict) -> str:
             f"| {name} | {_times(ratio['throughput'])}{_each_round(ratio['throughput_each_round'])} | "
             f"{time_to_target_speedup(ratio, target)}{_each_round(ratio['time_to_target_speedup_each_round'])} |"
         )
-    steps = results["side_by_side"]
-    low, high = steps["c_over_b_range"]
-    lines += [
-        "",
-        f"Steady-state training steps of (b) and (c) taking turns in one process (`bench/side_by_side.py`, "
-        f"{steps['rounds']} rounds of {steps['steps']} steps each): (b) {steps['images_per_s']['b']:,} images/s, "
-        f"(c) {steps['images_per_s']['c']:,}; **c/b x{steps['c_over_b']}** (rounds x{low}-x{high}).",
-    ]
     inference = results["inference"]
     lines += [
         "",

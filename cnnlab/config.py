@@ -153,7 +153,7 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("lenet5", "digits"): {"epochs": 15, "batch_size": 32, "optim": {"lr": 0.05}, "augment": {"translate": 0.1}},
     # 54,000 images. LeNet-5 levels off at 90.3-90.7% in 12 epochs; mirrored images and
     # label smoothing over 30 epochs take it to 91.0-91.6%. The batch trades accuracy for
-    # speed: sliced across two cores, 384 trains ~10% more images per second than 256 and
+    # speed: 384 trains ~6% more images per second than 256 and
     # ended at 91.13 / 91.55 / 90.97% (seeds 0-2; 256: 91.41 / 91.57 / 91.41%); 512, faster
     # still, at 90.7-91.1%. The weights' moving average and a short warm-up (10% of the
     # steps, not 25%) take the first epoch at 90% test accuracy from 16-21 to 8-11 (seeds

@@ -1,12 +1,13 @@
 """A training batch split across a CPU's cores: each core runs the network on its own slice.
 
-LeNet-sized layers are too thin for oneDNN to keep two cores busy inside one
-operator: a LeNet-5 step at batch 256 runs only ~1.6x faster on two threads
-than on one. Two one-thread workers that each run the whole forward and
-backward pass on half of the batch keep both cores busy instead: x1.16 / x1.19
-more training images per second at batch 256 / 512 on two cores (`python
-bench/fastpath.py`). Below 64 images a slice, per-operator overhead eats the
-gain, so smaller batches are not split.
+LeNet-sized layers are thin for oneDNN to share one operator between two
+cores. Two one-thread workers that each run the whole forward and backward
+pass on half of the batch keep both cores busy with less coordination: with
+each variant in its own process, x0.99 / x1.04-1.06 / x1.07 the whole batch's
+training images per second at batch 256 / 384 / 512 on two cores (`python
+bench/fastpath.py`; a one-process comparison showed x1.16-1.19, see the note
+above `_workers` for why it flattered slicing). Below 64 images a slice,
+per-operator overhead eats the gain, so smaller batches are not split.
 
 The arithmetic is the batch's: each slice's loss is its sum over images
 divided by the whole batch's size, so the slices' losses and gradients add up
@@ -109,6 +110,15 @@ def sum_in_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+# The pool threads keep OpenMP's and MKL's default thread counts (both are per thread, and
+# `sliced` sets the caller's only), so MKL's matrix products start two-thread OpenMP teams on
+# them. With more OpenMP threads than cores, libgomp stops spinning between parallel regions,
+# process-wide. That is what keeps OpenMP's worker from spinning for milliseconds on a slice's
+# core after each batch's two-thread preparation: setting the pool threads' counts too made
+# `cnnlab train`'s epochs 5-10% slower, with or without the batch prepared on one thread. The
+# price is paid by two-thread operators run later in the same process, which wait on thread
+# wake-ups: a plain PyTorch loop trained 10-40% slower after one sliced epoch. Speed
+# comparisons with a sliced step therefore run each contender in its own process.
 @functools.cache
 def _workers(count: int) -> concurrent.futures.ThreadPoolExecutor:
     """A pool of `count` threads, kept for the process's life (starting threads per step would cost more)."""

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTENDERS = ("seed_recipe", "plain_loop", "cnnlab", "manual")
@@ -49,16 +50,13 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
     assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(turns, turns[1:])), turns
     assert {key for _, _, key in turns[:3]} == {"seed_recipe", "plain_loop", "cnnlab"}  # in rotation, from the start
     assert results["matmul"]["best_gflops"] > 0 and results["training_flops_per_image"] > 1e6
-    steps = results["side_by_side"]
-    assert steps["images_per_s"]["b"] > 0 and steps["images_per_s"]["c"] > 0
-    assert steps["c_over_b_range"][0] <= steps["c_over_b"] <= steps["c_over_b_range"][1]
     for row in results["inference"]["forward"]:
         assert row["eager_images_per_s"] > 0 and row["cnnlab_images_per_s"] > 0
         assert row["max_abs_logit_difference"] < 1e-4
     assert results["machine"]["torch"] and results["date"] and "run.py" in results["command"]
 
     text = docs.read_text()
-    assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text and "side_by_side.py" in text
+    assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text and "| c/b |" in text
 
 
 def test_a_time_to_target_that_only_one_side_reached_is_a_bound_or_said_as_such(monkeypatch):
@@ -132,3 +130,22 @@ def test_the_onednn_breakdown_finds_every_convolution_pass_and_the_reorders(tmp_
     assert all(row["ms_per_step"] >= 0 for row in rows)
     assert result["onednn_ms_per_step"] == pytest.approx(sum(row["ms_per_step"] for row in rows), abs=1e-2)
     assert "| convolution |" in finished.stdout
+
+
+def test_the_fast_path_ablation_times_every_variant_in_its_own_process_in_turns(tmp_path):
+    out = tmp_path / "fastpath.json"
+    command = [sys.executable, "bench/fastpath.py", "--dataset", "digits", "--batch-sizes", "128", "--rounds", "2",
+               "--steps", "3", "--results", str(out)]  # fmt: skip
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    [result] = json.loads(out.read_text())["results"]
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert set(rows) == {"eager", "fast path", "fast path, sliced", "one slice alone"}
+    assert all(row["images_per_s"] > 0 and len(row["step_ms_each_round"]) == 2 for row in rows.values())
+    assert rows["eager"]["speedup_vs_eager"] == 1.0
+    # one core's share: the batch over the intra-op threads (the cores) the children start with
+    assert rows["one slice alone"]["batch_size"] == 128 // torch.get_num_threads()
+    assert rows["fast path, sliced"]["batch_size"] == 128
+    assert result["sliced_over_one_slice_alone"] > 0
+    assert "cores sliced = x" in finished.stdout
