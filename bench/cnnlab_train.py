@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as runs:
         config.runs_dir = runs
         run = RunDirectory.create(Path(runs) / "bench", overwrite=False)
-        turns = Turns(args.turn_fds)
-        record.turns = turns.log
-        progress = BenchProgress(run, test, record, args.budget, turns)
+        progress = BenchProgress(run, test, record, args.budget, Turns(args.turn_fds, record.turns))
         try:
             result = fit(config, run, progress)
             record.final_test_accuracy = round(result.test.evaluation.accuracy, 4)

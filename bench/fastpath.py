@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.variant:
         batch_size = int(args.batch_sizes.split(",")[0])
-        timed = time_variant(args.variant, batch_size, args.steps, args.rounds, args.dataset, Turns(args.turn_fds))
+        turns = Turns(args.turn_fds, [])
+        timed = time_variant(args.variant, batch_size, args.steps, args.rounds, args.dataset, turns)
         args.out.write_text(json.dumps(timed) + "\n")
         return 0
     results_path = args.results or (PROFILE if args.profile else RESULTS)

@@ -127,9 +127,9 @@ class Turns:
     the contender one to DONE to end it. Run by hand (no --turn-fds), `take` returns at once.
     """
 
-    def __init__(self, fds: str | None) -> None:
+    def __init__(self, fds: str | None, log: list[list[float]]) -> None:
         self.go, self.done = (int(fd) for fd in fds.split(",")) if fds else (None, None)
-        self.log: list[list[float]] = []  # wall-clock [start, end] of each turn, the current one [start]
+        self.log = log  # appended to: wall-clock [start, end] of each turn, the current one [start]
 
     def take(self) -> None:
         if self.done is None:

@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record = Record("plain PyTorch loop", f"tensors in memory, batch {BATCH_SIZE}, SGD Nesterov + OneCycleLR {LR}",
                     BATCH_SIZE, len(x_train))  # fmt: skip
-    turns = Turns(args.turn_fds)
-    record.turns = turns.log
+    turns = Turns(args.turn_fds, record.turns)
     turns.take()
     clock = Clock(args.budget)
     for epoch in range(1, args.epochs + 1):
@@ -64,14 +63,14 @@ def main(argv: list[str] | None = None) -> int:
                 break
         seconds = time.perf_counter() - started
         record.stopped_by_budget = images < len(x_train) or (clock.spent() and epoch < args.epochs)
+        elapsed = clock.elapsed()
         with clock.stopped():
             model.eval()
             accuracy = test_accuracy(model, x_test, splits.test.labels)
-        record.add_epoch(round(epoch - 1 + images / len(x_train), 3), clock.elapsed(), seconds, images, accuracy)
-        record.final_test_accuracy = round(accuracy, 4)
-        print(f"plain loop: epoch {epoch}  test {100 * accuracy:.2f}%", file=sys.stderr)
-        with clock.stopped():
-            turns.take()  # after the epoch's line is out: the next contender prints its own
+            record.add_epoch(round(epoch - 1 + images / len(x_train), 3), elapsed, seconds, images, accuracy)
+            record.final_test_accuracy = round(accuracy, 4)
+            print(f"plain loop: epoch {epoch}  test {100 * accuracy:.2f}%", file=sys.stderr)
+            turns.take()
         if record.stopped_by_budget:
             break
     record.write(args.out)

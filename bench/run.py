@@ -193,7 +193,8 @@ def run_in_turns(jobs: dict[str, tuple[str, list[str], Path]]) -> dict[str, dict
         os.close(done)
         status = process.wait()
         script, _, out = jobs[key]
-        results[key] = json.loads(out.read_text()) if status == 0 else {"error": f"{script} exited with status {status}"}
+        failed = {"error": f"{script} exited with status {status}"}
+        results[key] = json.loads(out.read_text()) if status == 0 else failed
     return results
 
 

@@ -98,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record = Record("seed recipe", "seed 001: batch 4, Adam lr 0.001, per-image Dataset + DataLoader", BATCH_SIZE,
                     len(splits.train))  # fmt: skip
-    turns = Turns(args.turn_fds)
-    record.turns = turns.log
+    turns = Turns(args.turn_fds, record.turns)
     turns.take()
     clock = Clock(args.budget)
     batches = len(train_loader)
@@ -118,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                 break
         seconds = time.perf_counter() - started
         record.stopped_by_budget = done < batches or (clock.spent() and epoch < args.epochs)
+        elapsed = clock.elapsed()
         with clock.stopped():
             model.eval()
             accuracy = test_accuracy(model, test_x, splits.test.labels)
             model.train()
-        record.add_epoch(round(epoch - 1 + done / batches, 3), clock.elapsed(), seconds, images, accuracy)
-        record.final_test_accuracy = round(accuracy, 4)
-        print(f"seed recipe: epoch {epoch - 1 + done / batches:.2f}  test {100 * accuracy:.2f}%", file=sys.stderr)
-        with clock.stopped():
-            turns.take()  # after the epoch's line is out: the next contender prints its own
+            record.add_epoch(round(epoch - 1 + done / batches, 3), elapsed, seconds, images, accuracy)
+            record.final_test_accuracy = round(accuracy, 4)
+            print(f"seed recipe: epoch {epoch - 1 + done / batches:.2f}  test {100 * accuracy:.2f}%", file=sys.stderr)
+            turns.take()
         if record.stopped_by_budget:
             break
     record.write(args.out)
