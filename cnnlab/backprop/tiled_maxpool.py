@@ -25,7 +25,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from numba import njit
+
+from cnnlab.compiled import compiled
 
 NO_SWITCH = 255  # the switch of a window that passes no gradient (its maximum was cut by the ReLU)
 
@@ -61,14 +62,6 @@ def tiled_max_pool_backward(
     return dx
 
 
-def _compiled(loops):
-    """`loops` compiled by numba, with the machine code cached on disk where a cache folder is writable."""
-    try:
-        return njit(cache=True, nogil=True)(loops)
-    except RuntimeError:  # no writable place for the cache (a read-only install): compile in memory
-        return njit(nogil=True)(loops)
-
-
 @functools.cache
 def _kernels(kh: int, kw: int):
     """The compiled (forward, backward) loops for kh x kw windows.
@@ -84,7 +77,7 @@ def _kernels(kh: int, kw: int):
     leave the kernels safe to call from several threads at once (nogil).
     """
 
-    @_compiled
+    @compiled
     def forward(positions, relu, y, switch):  # pragma: no cover - compiled; tested through its callers
         # positions: (kh * kw, M) window positions in row-major order; y, switch: (M,)
         for o in range(y.size):
@@ -100,7 +93,7 @@ def _kernels(kh: int, kw: int):
             y[o] = 0 if cut else best
             switch[o] = NO_SWITCH if cut else where
 
-    @_compiled
+    @compiled
     def backward(dout, switch, dx):  # pragma: no cover - compiled; tested through its callers
         n, c, h, w = dx.shape
         _, _, oh, ow = dout.shape

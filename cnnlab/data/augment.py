@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cnnlab.compiled import compiled
 from cnnlab.config import AugmentConfig
 
 # Random erasing (Zhong et al., 2017): the rectangle covers 2%..33% of the image, aspect 0.3..3.3.
@@ -60,11 +61,9 @@ class BatchAugmenter:
         p = torch.from_numpy(table).to(x.device, non_blocking=True)  # (B, 13) float32
         if transform:
             x = affine(x, p[:, _THETA].reshape(-1, 2, 3))
-        else:
-            if c.crop_padding:
-                x = random_crop(x, c.crop_padding, p[:, _CROP_TOP].long(), p[:, _CROP_LEFT].long())
-            if c.flip:
-                x = torch.where(p[:, _FLIP].bool().view(-1, 1, 1, 1), x.flip(3), x)
+        elif c.crop_padding or c.flip:
+            flip = p[:, _FLIP].bool() if c.flip else torch.zeros(batch, dtype=torch.bool, device=x.device)
+            x = crop_and_flip(x, c.crop_padding, p[:, _CROP_TOP].long(), p[:, _CROP_LEFT].long(), flip)
         if c.erase:
             in_rows, in_cols = rectangle_masks(*table[:, _ERASE].T, height, width)
             x = erase(x, torch.from_numpy(in_rows).to(x.device), torch.from_numpy(in_cols).to(x.device))
@@ -82,20 +81,25 @@ class BatchAugmenter:
         p[:, _CROP_TOP] = np.floor(u[:, 0] * (2 * c.crop_padding + 1))
         p[:, _CROP_LEFT] = np.floor(u[:, 1] * (2 * c.crop_padding + 1))
         p[:, _FLIP] = u[:, 2] < 0.5
-        p[:, _THETA] = affine_matrix(
-            angle=np.deg2rad((2 * u[:, 3] - 1) * c.rotate),
-            zoom=1 + (2 * u[:, 4] - 1) * c.scale,
-            shift_x=(2 * u[:, 5] - 1) * c.translate,
-            shift_y=(2 * u[:, 6] - 1) * c.translate,
-            aspect=height / width,
-        )
-        area = height * width * (ERASE_AREA[0] + u[:, 7] * (ERASE_AREA[1] - ERASE_AREA[0]))
-        ratio = np.exp(math.log(ERASE_ASPECT[0]) + u[:, 8] * math.log(ERASE_ASPECT[1] / ERASE_ASPECT[0]))
-        h = np.clip(np.round(np.sqrt(area * ratio)), 1, height)
-        w = np.clip(np.round(np.sqrt(area / ratio)), 1, width)
-        p[:, _ERASE] = np.stack(
-            [np.floor(u[:, 10] * (height - h + 1)), np.floor(u[:, 11] * (width - w + 1)), h * (u[:, 9] < c.erase), w], 1
-        )
+        # The matrix and the rectangle only where they are used: the identity and no rectangle
+        # otherwise (their draws are still taken, so the stream does not depend on the options).
+        if c.rotate or c.translate or c.scale:
+            p[:, _THETA] = affine_matrix(
+                angle=np.deg2rad((2 * u[:, 3] - 1) * c.rotate),
+                zoom=1 + (2 * u[:, 4] - 1) * c.scale,
+                shift_x=(2 * u[:, 5] - 1) * c.translate,
+                shift_y=(2 * u[:, 6] - 1) * c.translate,
+                aspect=height / width,
+            )
+        else:
+            p[:, _THETA] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+        if c.erase:
+            area = height * width * (ERASE_AREA[0] + u[:, 7] * (ERASE_AREA[1] - ERASE_AREA[0]))
+            ratio = np.exp(math.log(ERASE_ASPECT[0]) + u[:, 8] * math.log(ERASE_ASPECT[1] / ERASE_ASPECT[0]))
+            h = np.clip(np.round(np.sqrt(area * ratio)), 1, height)
+            w = np.clip(np.round(np.sqrt(area / ratio)), 1, width)
+            top, left = np.floor(u[:, 10] * (height - h + 1)), np.floor(u[:, 11] * (width - w + 1))
+            p[:, _ERASE] = np.stack([top, left, h * (u[:, 9] < c.erase), w], 1)
         return p.astype(np.float32)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -135,6 +139,64 @@ def fold_crop_and_flip(table: np.ndarray, padding: int, flip: bool, height: int,
     theta[:, 2] += 2 * (table[:, _CROP_LEFT] - padding) / width
     theta[:, 5] += 2 * (table[:, _CROP_TOP] - padding) / height
     return theta
+
+
+def crop_and_flip(
+    x: torch.Tensor, padding: int, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor
+) -> torch.Tensor:
+    """x (B, C, H, W) zero-padded by `padding`, cut back to H x W at offsets top, left (B,) in 0..2p,
+    then mirrored left to right where flip (B,) bool."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        # One compiled pass that reads each kept pixel once and writes each output once; the
+        # operators below take four passes (pad, gather, flip, select): a LeNet-5 batch of 384
+        # flipped in 0.1 ms instead of ~0.4-1.0. The same values: both only move pixels.
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _crop_and_flip(x.contiguous().numpy(), padding, top.numpy(), left.numpy(), flip.numpy(), out.numpy())
+        return out
+    if padding:
+        x = random_crop(x, padding, top, left)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+@compiled
+def _crop_and_flip(x, padding, top, left, flip, out):  # pragma: no cover - compiled; tested through crop_and_flip
+    """out[b, c, r, j] = x[b, c, r + dy, j' + dx], zero outside x; dy = top - p, dx = left - p,
+    j' = W - 1 - j where flipped, else j. x and out: (B, C, H, W) float32."""
+    batch, channels, height, width = x.shape
+    x, out = x.reshape(-1), out.reshape(-1)
+    for b in range(batch):
+        dy, dx = top[b] - padding, left[b] - padding
+        if dy < -padding or dy > padding or dx < -padding or dx > padding:  # memory is read unchecked below
+            raise IndexError("crop offset outside the padding")
+        # The output columns whose source column lies inside the image, in 0 <= j < width.
+        first, stop = max(0, -dx), min(width, width - dx)
+        if flip[b]:
+            first, stop = width - stop, width - first
+        for c in range(channels):
+            plane = (b * channels + c) * height * width
+            for r in range(height):
+                # Unsigned offsets: numba wraps a negative signed index around the end, a check
+                # per element that keeps LLVM from vectorizing the row loops (2.5x slower).
+                write = np.uint64(plane + r * width)
+                row = r + dy
+                if row < 0 or row >= height:
+                    first_kept = stop_kept = width  # the whole row is padding
+                else:
+                    first_kept, stop_kept = first, stop
+                for j in range(first_kept):
+                    out[write + np.uint64(j)] = 0.0
+                for j in range(stop_kept, width):
+                    out[write + np.uint64(j)] = 0.0
+                if first_kept == width:
+                    continue
+                if flip[b]:
+                    read = np.uint64(plane + row * width + dx + width - 1)  # the source of output column 0
+                    for j in range(first, stop):
+                        out[write + np.uint64(j)] = x[read - np.uint64(j)]
+                else:
+                    read = np.uint64(plane + row * width + dx)
+                    for j in range(first, stop):
+                        out[write + np.uint64(j)] = x[read + np.uint64(j)]
 
 
 def random_crop(x: torch.Tensor, padding: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,13 @@ cheap (no per-image Python, no worker processes).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from cnnlab.compiled import compiled
 from cnnlab.errors import CnnlabError
 
 
@@ -121,13 +124,36 @@ class Normalization:
         std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
         return cls(tuple(mean.tolist()), tuple(max(s, 1e-3) for s in std.tolist()))
 
-    def apply(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(N, C, H, W) uint8 -> (N, C, H, W) `dtype`, zero mean and unit std per channel."""
-        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=dtype, device=images.device)
-        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], dtype=dtype, device=images.device)
-        # In place on a fresh copy: the same arithmetic as x * scale - shift, without
-        # two batch-sized temporaries (a quarter of the time or less on a CPU).
-        return images.to(dtype, copy=True).mul_(scale.view(1, -1, 1, 1)).sub_(shift.view(1, -1, 1, 1))
+    def apply(self, images: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C, H, W) uint8 -> (N, C, H, W) float32, zero mean and unit std per channel.
+
+        With `index` (B,) int64, only images[index] -> (B, C, H, W): a training batch is
+        gathered and normalized in one step.
+        """
+        scale, shift = self._scale_and_shift
+        if images.device.type == "cpu":
+            # One compiled pass: the gather, the conversion and both operations read and write
+            # each pixel once, where PyTorch's operators take four passes (a LeNet-5 batch of
+            # 384: 0.1 ms instead of ~0.5 in a training loop). The same float32 operations in
+            # the same order, so the same numbers.
+            images = images.contiguous()
+            if index is None:
+                index = torch.arange(len(images))
+            out = torch.empty((len(index), *images.shape[1:]), dtype=torch.float32)
+            _normalize(images.flatten(2).numpy(), index.numpy(), scale.numpy(), shift.numpy(), out.flatten(2).numpy())
+            return out
+        if index is not None:
+            images = images.index_select(0, index)
+        scale, shift = scale.to(images.device).view(1, -1, 1, 1), shift.to(images.device).view(1, -1, 1, 1)
+        # In place on a fresh copy: x * scale - shift without two batch-sized temporaries.
+        return images.to(torch.float32, copy=True).mul_(scale).sub_(shift)
+
+    @functools.cached_property
+    def _scale_and_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C,) float32 each: x = pixel * scale - shift. Kept: a training loop normalizes every batch."""
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], dtype=torch.float32)
+        return scale, shift
 
     def to_dict(self) -> dict[str, list[float]]:
         return {"mean": list(self.mean), "std": list(self.std)}
@@ -135,3 +161,21 @@ class Normalization:
     @classmethod
     def from_dict(cls, data: dict) -> Normalization:
         return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
+
+
+@compiled
+def _normalize(images, index, scale, shift, out):  # pragma: no cover - compiled; tested through Normalization.apply
+    """out[b, c, :] = images[index[b], c, :] * scale[c] - shift[c]; images (N, C, P) uint8, out (B, C, P) float32."""
+    count, channels, pixels = images.shape
+    images, out = images.reshape(-1), out.reshape(-1)
+    for b in range(len(index)):
+        source = index[b]
+        if source < 0 or source >= count:  # the loop reads memory unchecked: a bad index must not get there
+            raise IndexError("image index out of range")
+        for c in range(channels):
+            multiply, subtract = scale[c], shift[c]
+            # Unsigned offsets: numba wraps a negative signed index around the end, a check per
+            # element that keeps LLVM from vectorizing the loop (7x slower).
+            read, write = np.uint64((source * channels + c) * pixels), np.uint64((b * channels + c) * pixels)
+            for p in range(pixels):
+                out[write + np.uint64(p)] = np.float32(images[read + np.uint64(p)]) * multiply - subtract

@@ -1,13 +1,16 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
 from cnnlab.cli import main
 from cnnlab.config import AugmentConfig
-from cnnlab.data.augment import BatchAugmenter, affine, affine_matrix, erase, random_crop, rectangle_masks
+from cnnlab.data.augment import (
+    BatchAugmenter, affine, affine_matrix, crop_and_flip, erase, random_crop, rectangle_masks,
+)  # fmt: skip
 from cnnlab.train.checkpoint import load_checkpoint
 
 ALL_ON = AugmentConfig(crop_padding=2, flip=True, rotate=15, translate=0.1, scale=0.1, erase=0.5)
@@ -75,6 +78,26 @@ def test_crop_shifts_each_image_by_whole_pixels_within_the_padding():
         assert shifts, f"image {i} is not a shifted copy"
         seen.add(shifts[0])
     assert len(seen) > 10  # the offsets vary across the batch
+
+
+@pytest.mark.parametrize("padding", [0, 1, 3])
+def test_compiled_crop_and_flip_moves_pixels_as_the_tensor_operations_do(padding):
+    """The CPU's compiled pass (float32) against the operators every other device runs (float64 here)."""
+    x = batch(n=64, h=9, w=11)
+    generator = torch.Generator().manual_seed(padding)
+    top, left = (torch.randint(0, 2 * padding + 1, (64,), generator=generator) for _ in range(2))
+    flip = torch.rand(64, generator=generator) < 0.5
+    compiled = crop_and_flip(x, padding, top, left, flip)
+    operators = crop_and_flip(x.double(), padding, top, left, flip)
+    assert operators.dtype == torch.float64 and torch.equal(compiled, operators.float())
+    mirrored = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    assert torch.equal(compiled, mirrored) == (padding == 0) and flip.any() and not flip.all()
+
+
+def test_crop_offsets_outside_the_padding_are_refused():
+    x, inside = batch(n=2), torch.tensor([0, 2])
+    with pytest.raises(IndexError, match="outside the padding"):
+        crop_and_flip(x, 1, inside, torch.tensor([0, 3]), torch.zeros(2, dtype=torch.bool))
 
 
 def test_centre_crop_is_the_identity():

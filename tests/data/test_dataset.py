@@ -58,6 +58,31 @@ def test_normalization_gives_zero_mean_unit_std_on_its_own_data():
     assert torch.allclose(x.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4)
 
 
+def reference_normalization(norm, images):
+    """PyTorch's operators, one after another: the arithmetic the compiled pass must match bit for bit."""
+    scale = torch.tensor([1 / (255 * s) for s in norm.std], dtype=torch.float32).view(1, -1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(norm.mean, norm.std)], dtype=torch.float32).view(1, -1, 1, 1)
+    return images.to(torch.float32) * scale - shift
+
+
+def test_normalization_gathers_the_indexed_images_bit_for_bit():
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    norm = Normalization((0.3, 0.5, 0.2), (0.25, 0.3, 0.35))
+    index = torch.tensor([49, 0, 7, 7, 23])  # any order, repeats allowed
+    assert torch.equal(norm.apply(images, index), reference_normalization(norm, images[index]))
+    assert torch.equal(norm.apply(images), reference_normalization(norm, images))
+    strided = images.transpose(2, 3)  # a non-contiguous view normalizes as its values
+    assert torch.equal(norm.apply(strided, index), reference_normalization(norm, strided[index]))
+    assert norm.apply(images, torch.tensor([], dtype=torch.int64)).shape == (0, 3, 8, 8)
+
+
+@pytest.mark.parametrize("bad", [50, -1])
+def test_normalization_refuses_an_index_outside_the_images(bad):
+    images = torch.zeros(50, 1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(IndexError, match="out of range"):
+        Normalization((0.5,), (0.25,)).apply(images, torch.tensor([0, bad]))
+
+
 def test_normalization_round_trips_through_a_dict():
     norm = Normalization((0.1, 0.2), (0.3, 0.4))
     assert Normalization.from_dict(norm.to_dict()) == norm
