@@ -1,29 +1,33 @@
 """Max-pooling over windows that tile the image, optionally fused with a ReLU, as compiled loops.
 
 The pools of LeNet-5 and the CIFAR nets (2x2, stride 2) cut each (H, W) plane
-into disjoint windows. For those, the forward pass lays the windows' positions
-out as planes (one strided copy), then one flat pass finds every window's
-maximum and remembers which of its positions held it (the "switch", a byte
-per output); the backward pass writes each input's gradient exactly once: the
-output's gradient where the switch points, zero elsewhere. PyTorch's CPU
-kernels do the same work in three passes (max with int64 indices, zero-fill,
-scatter) and are slowest at few channels: on LeNet-5's first pool (batch 128,
-6 x 24 x 24) they take 1.3-1.8 ms forward + backward, this module 0.5 ms
-(`python bench/fastpath.py`).
+into disjoint windows. For those, the forward pass takes two flat passes: the
+first reduces each band of kh rows to one row of column maxima (remembering
+which row held each), the second reduces each kw columns of those to the
+window's maximum, and records which of the window's positions held it (the
+"switch", a byte per output). The backward pass undoes the two steps: it
+spreads each output's gradient over its window's columns, then over its rows,
+writing each input's gradient exactly once: the output's gradient where the
+switch points, zero elsewhere. PyTorch's CPU kernels take three passes (max
+with int64 indices, zero-fill, scatter) and are slowest at few channels: on
+LeNet-5's first pool (192 images, 6 x 24 x 24, one thread) its forward pass
+takes ~7 ms, this module's 0.4 ms, and 0.5 ms for the backward pass.
 
 `relu=True` also applies the ReLU, which commutes with max-pooling: the output
 is max(0, window maximum), and a window whose maximum is <= 0 sends no
 gradient back (switch = NO_SWITCH), exactly what ReLU's backward does. NaN
-propagates as in torch: a NaN wins its window and passes the ReLU.
+propagates as in torch: a NaN wins its window (of several, the last in
+row-major order, as in torch's CPU kernel) and passes the ReLU.
 
-Ties go to the first maximum, row by row, as in torch. Rows and columns that
-no window covers (an odd size in floor mode) get zero gradient.
+Ties go to the first maximum in row-major order, as in torch. Rows and columns
+that no window covers (an odd size in floor mode) get zero gradient.
 """
 
 from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from cnnlab.compiled import compiled
@@ -37,18 +41,11 @@ def tiled_max_pool(x: torch.Tensor, kernel: tuple[int, int], relu: bool) -> tupl
     y = max over each kh x kw window (then max(0, .) if `relu`); switch (uint8) = the
     window position i * kw + j of the maximum, NO_SWITCH where no gradient flows.
     """
-    x = x.detach()
+    x = x.detach().contiguous()
     (kh, kw), (n, c, h, w) = kernel, x.shape
-    oh, ow = h // kh, w // kw
-    # (kh * kw, N * C * OH * OW): plane k holds position k of every window. One strided copy
-    # (PyTorch's, multithreaded) makes the selection below a flat loop over long contiguous
-    # rows, which LLVM vectorizes whatever the CPU; a loop over each image row's few windows
-    # (12 for LeNet-5's first pool) stayed scalar and branchy on some CPUs and ran 8x slower.
-    windows = x[:, :, : oh * kh, : ow * kw].view(n, c, oh, kh, ow, kw)
-    positions = windows.permute(3, 5, 0, 1, 2, 4).contiguous()  # (kh, kw, N, C, OH, OW)
-    y = x.new_empty(n, c, oh, ow)
+    y = x.new_empty(n, c, h // kh, w // kw)
     switch = torch.empty(y.shape, dtype=torch.uint8)
-    _kernels(kh, kw)[0](positions.view(kh * kw, -1).numpy(), relu, y.view(-1).numpy(), switch.view(-1).numpy())
+    _kernels(kh, kw)[0](x.numpy(), relu, y.numpy(), switch.numpy())
     return y, switch
 
 
@@ -58,7 +55,7 @@ def tiled_max_pool_backward(
     """dout, switch: (N, C, OH, OW) -> dx: (N, C, H, W) = `in_shape`."""
     dout = dout.detach().contiguous()
     dx = dout.new_empty(in_shape)
-    _kernels(*kernel)[1](dout.numpy(), switch.numpy(), dx.numpy())
+    _kernels(*kernel)[1](dout.numpy(), switch.contiguous().numpy(), dx.numpy())
     return dx
 
 
@@ -67,48 +64,96 @@ def _kernels(kh: int, kw: int):
     """The compiled (forward, backward) loops for kh x kw windows.
 
     The window size is a constant of the compiled code, not an argument: with it fixed,
-    LLVM unrolls the window loops and vectorizes the loop around them. With `cache=True`
-    the machine code is kept on disk per window size, so only the first use on a machine
-    pays the compilation (~1 s per kernel).
+    LLVM unrolls the window loops and vectorizes the loops around them. Each pass runs over
+    long rows of contiguous memory (LeNet-5's first pool: rows of 24 columns, then one flat
+    loop over every window); a loop over each row's few windows (12) stayed scalar.
 
-    The loops run on the calling thread. numba's parallel loops would halve the ~0.3 ms a
-    LeNet-5 step (batch 128) spends in them, but their worker threads spin between calls,
-    taking a core from PyTorch's own threads for the rest of the step; serial loops also
-    leave the kernels safe to call from several threads at once (nogil).
+    Offsets are unsigned: numba wraps a negative signed index around the array's end, a
+    check per access that keeps LLVM from vectorizing (these loops ran 3x slower).
+
+    The loops run on the calling thread. numba's parallel loops would halve their time, but
+    their worker threads spin between calls, taking a core from PyTorch's own threads for
+    the rest of the step; serial loops also leave the kernels safe to call from several
+    threads at once (nogil).
     """
+    window = kh * kw
 
     @compiled
-    def forward(positions, relu, y, switch):  # pragma: no cover - compiled; tested through its callers
-        # positions: (kh * kw, M) window positions in row-major order; y, switch: (M,)
-        for o in range(y.size):
-            best = positions[0, o]
-            where = 0
-            for k in range(1, kh * kw):
-                v = positions[k, o]
-                # Selects, not branches: the first maximum wins, a NaN wins over numbers (as in torch).
-                take = (v > best) | ((v != v) & (best == best))
+    def forward(x, relu, y, switch):  # pragma: no cover - compiled; tested through its callers
+        # x: (N, C, H, W); y, switch: (N, C, OH, OW); all contiguous
+        _, _, h, w = x.shape
+        bands, oh, ow = y.shape[0] * y.shape[1] * y.shape[2], y.shape[2], y.shape[3]
+        width = ow * kw  # the columns windows cover
+        zero = np.zeros(1, y.dtype)[0]
+        x, y, switch = x.reshape(-1), y.reshape(-1), switch.reshape(-1)
+        # Pass 1: each band of kh rows -> one row of `width` column maxima, and the row
+        # (times kw) that held each. As in torch, a position replaces the best so far when
+        # it is larger or NaN: the first of equal maxima wins, and the last of several NaNs.
+        column_max = np.empty(bands * width, x.dtype)
+        column_row = np.empty(bands * width, np.uint8)
+        for band in range(bands):
+            plane, row = band // oh, band % oh * kh
+            first = np.uint64((plane * h + row) * w)
+            out = np.uint64(band * width)
+            for j in range(width):
+                best, where = x[first + np.uint64(j)], np.uint8(0)
+                for a in range(1, kh):
+                    v = x[first + np.uint64(a * w + j)]
+                    take = (v > best) | (v != v)  # selects, not branches
+                    best = v if take else best
+                    where = np.uint8(a * kw) if take else where
+                column_max[out + np.uint64(j)] = best
+                column_row[out + np.uint64(j)] = where
+        # Pass 2: each kw consecutive column maxima -> the window's maximum, chosen as a scan
+        # of the window in row-major order would: of equal maxima the first position in that
+        # order, of NaNs the last.
+        for o in range(bands * ow):
+            first = np.uint64(o * kw)
+            best, where = column_max[first], column_row[first]
+            for b in range(1, kw):
+                v, at = column_max[first + np.uint64(b)], column_row[first + np.uint64(b)] + np.uint8(b)
+                later_nan = (v != v) & ((best == best) | (at > where))
+                take = later_nan | (v > best) | ((v == best) & (at < where))
                 best = v if take else best
-                where = k if take else where
+                where = at if take else where
             cut = relu & ~((best > 0) | (best != best))  # the ReLU: no gradient through a maximum <= 0
-            y[o] = 0 if cut else best
-            switch[o] = NO_SWITCH if cut else where
+            y[np.uint64(o)] = zero if cut else best
+            switch[np.uint64(o)] = np.uint8(NO_SWITCH) if cut else where
 
     @compiled
     def backward(dout, switch, dx):  # pragma: no cover - compiled; tested through its callers
-        n, c, h, w = dx.shape
-        _, _, oh, ow = dout.shape
-        for plane in range(n * c):
-            i, j = plane // c, plane % c
-            for p in range(oh):
-                for q in range(ow):
-                    g, where = dout[i, j, p, q], switch[i, j, p, q]
-                    for a in range(kh):
-                        for b in range(kw):
-                            dx[i, j, p * kh + a, q * kw + b] = g if where == a * kw + b else 0.0
-            # Rows and columns past the last window (odd sizes in floor mode) took part in nothing.
-            for r in range(oh * kh, h):
-                dx[i, j, r, :] = 0.0
-            for r in range(oh * kh):
-                dx[i, j, r, ow * kw :] = 0.0
+        # dout, switch: (N, C, OH, OW); dx: (N, C, H, W); all contiguous
+        _, _, h, w = dx.shape
+        planes, oh, ow = dout.shape[0] * dout.shape[1], dout.shape[2], dout.shape[3]
+        bands, width = planes * oh, ow * kw
+        zero = np.zeros(1, dx.dtype)[0]
+        dout, switch, dx = dout.reshape(-1), switch.reshape(-1), dx.reshape(-1)
+        # Pass 1: each output's gradient to its maximum's column (zero in the others), with
+        # the switch beside it: (bands, width).
+        column_grad = np.empty(bands * width, dx.dtype)
+        column_switch = np.empty(bands * width, np.uint8)
+        for o in range(bands * ow):
+            g, s = dout[np.uint64(o)], switch[np.uint64(o)]
+            column = s % np.uint8(kw) if s != np.uint8(NO_SWITCH) else np.uint8(kw)  # kw: no column
+            for b in range(kw):
+                column_grad[np.uint64(o * kw + b)] = g if column == np.uint8(b) else zero
+                column_switch[np.uint64(o * kw + b)] = s
+        # Pass 2: each column's gradient to the row of its band that held the maximum.
+        for band in range(bands):
+            plane, row = band // oh, band % oh * kh
+            first = np.uint64((plane * h + row) * w)
+            source = np.uint64(band * width)
+            for a in range(kh):
+                out = first + np.uint64(a * w)
+                for j in range(width):
+                    s = column_switch[source + np.uint64(j)]
+                    hit = (s != np.uint8(NO_SWITCH)) & (s // np.uint8(kw) == np.uint8(a))
+                    dx[out + np.uint64(j)] = column_grad[source + np.uint64(j)] if hit else zero
+                for j in range(width, w):  # columns past the last window took part in nothing
+                    dx[out + np.uint64(j)] = zero
+        # Rows past the last window (an odd height in floor mode) took part in nothing either.
+        for plane in range(planes):
+            for i in range(oh * kh * w, h * w):
+                dx[np.uint64(plane * h * w + i)] = zero
 
     return forward, backward

@@ -2,9 +2,10 @@
 
 Per-image augmentation in Python (torchvision transforms in a DataLoader)
 costs more than a small CNN's training step; here each operation is a few
-tensor operations over the batch: the random crop is one gather, rotation,
-translation and zoom share one sampling grid and one `grid_sample`, flips and
-erasing are masks. In order:
+tensor operations over the batch: the random crop and the flip are one compiled
+pass on a CPU (a gather and a masked select elsewhere), rotation, translation
+and zoom share one sampling grid and one `grid_sample`, erasing is a mask. In
+order:
 
     crop (pad by p, cut back at a random offset) -> flip -> affine -> erase
 
