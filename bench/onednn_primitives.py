@@ -8,9 +8,10 @@ those per primitive kind, direction and shape.
 
 The reorders are the part PyTorch adds: its tensors are plain NCHW, oneDNN's
 convolution kernels work on channel blocks of 16 (8 for AVX2 kernels), so each
-convolution's input, output or gradient is converted on the way in and out,
-and LeNet-5's first convolution, with 6 output channels, writes blocks padded
-to 16 channels, 2.7x its real output.
+convolution's input, output or gradient is converted on the way in and out.
+LeNet-5's first convolution, with 6 output channels, wrote blocks padded to 16
+channels, 2.7x its real output; it now runs cnnlab's compiled loops
+(cnnlab/backprop/wide_conv.py) and no longer appears here.
 
     python bench/onednn_primitives.py [--batch-size 192] [--steps 20] [--out PATH]
 

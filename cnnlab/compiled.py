@@ -9,12 +9,19 @@ first run on a machine pays the compilation (~1 s per loop).
 
 from __future__ import annotations
 
+import functools
+
 from numba import njit
 
 
-def compiled(loops):
-    """`loops` compiled by numba (nogil: safe to run from several threads at once), cached on disk where it can be."""
+def compiled(loops=None, *, fastmath: bool | set[str] = False):
+    """`loops` compiled by numba (nogil: safe to run from several threads at once), cached on disk where it can be.
+
+    Used bare (`@compiled`) or with numba's fastmath flags (`@compiled(fastmath={"reassoc"})`).
+    """
+    if loops is None:
+        return functools.partial(compiled, fastmath=fastmath)
     try:
-        return njit(cache=True, nogil=True)(loops)
+        return njit(cache=True, nogil=True, fastmath=fastmath)(loops)
     except RuntimeError:  # no writable place for the cache (a read-only install): compile in memory
-        return njit(nogil=True)(loops)
+        return njit(nogil=True, fastmath=fastmath)(loops)

@@ -1,4 +1,4 @@
-"""A faster way to run a registered model on a CPU: the same numbers, less time.
+"""A faster way to run a registered model on a CPU: the same numbers (up to rounding), less time.
 
 `fast_forward(model)` returns a function that computes `model(x)` (the same
 values and gradients) for the registry's `nn.Sequential` models, with every
@@ -9,15 +9,23 @@ instead of PyTorch's kernel, and fused with the ReLU next to it:
 - relu(maxpool(x)) == maxpool(relu(x)), since ReLU is monotone, and the
   gradients agree as well: both go to the first maximum of a window, and
   nowhere when it is <= 0. So a ReLU right before or after such a pool is
-  folded into it: one copy and one flat pass forward, one pass backward.
-- PyTorch's CPU max-pool is slow at few channels (LeNet-5's first pool, batch
-  128: 1.3-2.2 ms forward, 0.5 ms more for a zero-fill and a scatter
-  backward); cnnlab's take 0.3 + 0.2 ms. LeNet-5 trains x1.1-1.26 faster than
+  folded into it: two flat passes forward, two backward.
+- PyTorch's CPU max-pool is slow at few channels (LeNet-5's first pool, 192
+  images on one thread: ~7 ms forward, more for a zero-fill and a scatter
+  backward); cnnlab's take 0.33 + 0.34 ms. LeNet-5 trains x1.1-1.3 faster than
   eager on two threads, depending on the CPU and the batch, and ~1.5x on one
   (`python bench/fastpath.py`).
 
+A first convolution from one channel to fewer than 16 (LeNet-5's, 1 -> 6)
+runs compiled loops too (`cnnlab.backprop.wide_conv`): oneDNN pads its output
+to 16 channels and converts it to and from its blocked layout on every call,
+which cost more than the convolution. Those loops sum in another order, so
+with LeNet-5 on one-channel images the logits and gradients equal the model's
+up to float rounding (~1e-6 relative), no longer bit for bit. A training step
+of LeNet-5 on Fashion-MNIST (batch 384, two slices) is ~6-9% faster for it.
+
 One more change, for inference on a few images (serving one request at a
-time): there, each convolution runs PyTorch's im2col kernel instead of
+time): there, each other convolution runs PyTorch's im2col kernel instead of
 oneDNN's, whose per-call setup dominates a tiny batch (LeNet-5's convolutions
 at batch 1: ~20 us each instead of ~77). Its sums are ordered differently, so
 up to SMALL_BATCH images the logits equal the model's up to float rounding
@@ -40,6 +48,7 @@ from torch import nn
 from cnnlab.backprop.layer import pair
 from cnnlab.backprop.pool import MaxPool2d
 from cnnlab.backprop.tiled_maxpool import tiled_max_pool, tiled_max_pool_backward
+from cnnlab.backprop.wide_conv import WideConv2d
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -108,14 +117,23 @@ class _TiledMaxPool(torch.autograd.Function):
 
 
 class _Conv:
-    """A Conv2d; inference on at most SMALL_BATCH images runs PyTorch's im2col kernel instead of oneDNN's."""
+    """A Conv2d. One with a single input channel, whose input needs no gradient (a network's first),
+    runs cnnlab's compiled loops; otherwise inference on at most SMALL_BATCH images runs PyTorch's
+    im2col kernel instead of oneDNN's."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         self.conv = conv
+        # Where oneDNN pads the output to a block of 16 channels and converts it every step: LeNet-5's
+        # first convolution (1 -> 6) trains ~1.5x faster through the compiled loops (wide_conv.py).
+        self.wide = conv.in_channels == 1 and conv.out_channels < 16 and conv.stride == (1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if len(x) > SMALL_BATCH or torch.is_grad_enabled() or x.dtype not in (torch.float32, torch.float64):
+        if x.dtype not in (torch.float32, torch.float64):  # the compiled loops and im2col take these two
+            return conv(x)
+        if self.wide and not x.requires_grad:
+            return WideConv2d.apply(x, conv.weight, conv.bias, conv.padding)
+        if len(x) > SMALL_BATCH or torch.is_grad_enabled():
             return conv(x)
         return torch.ops.aten.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
 
