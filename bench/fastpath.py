@@ -23,9 +23,9 @@ turns, is reported, so a busy neighbour slows all of them alike.
     python bench/fastpath.py [--batch-sizes 256,512] [--rounds 7] [--steps 40]
     python bench/fastpath.py --profile   # where a fast-path step spends its time
 
---profile runs the fast path's step on whole batches under torch.profiler
-and groups the operators' own CPU time by what they do (docs/performance.md
-quotes it).
+--profile runs one slice of the fast path's step (the batch / the cores'
+images on one thread, as each core runs it) under torch.profiler and groups
+the operators' own CPU time by what they do (docs/performance.md quotes it).
 """
 
 from __future__ import annotations
@@ -134,8 +134,10 @@ def time_variant(variant: str, batch_size: int, steps: int, rounds: int, dataset
 # The first fragment found anywhere in the chain wins, so the order matters.
 GROUPS = (
     ("Optimizer.", "optimizer"),
-    ("convolution_backward", "conv backward"),
-    ("mkldnn_convolution", "conv forward"),
+    ("convolution_backward", "conv2 backward (oneDNN)"),
+    ("mkldnn_convolution", "conv2 forward (oneDNN)"),
+    ("WideConv2dBackward", "conv1 weight gradient (compiled)"),
+    ("WideConv2d", "conv1 forward (compiled)"),
     ("_TiledMaxPoolBackward", "max-pool + ReLU backward (compiled)"),
     ("_TiledMaxPool", "max-pool + ReLU forward (compiled)"),
     ("threshold_backward", "ReLU"),
@@ -168,20 +170,26 @@ def _classify(event) -> str:
 
 
 def profile(batch_size: int, steps: int, dataset: str) -> dict:
-    """Self CPU time of a fast-path training step, grouped; shares of the whole."""
+    """Self CPU time of one slice's fast-path training step, grouped; shares of the whole.
+
+    The slice is what each core runs in `cnnlab train`: the batch / the cores' images, on
+    one thread (the profiler's parent chain, "train_step", does not cross into the slices'
+    worker threads, so the slice runs on the calling thread).
+    """
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
 
     torch.manual_seed(0)
     splits = load_splits(dataset, None, 0.1, 0)
     normalization = normalization_for(splits)
-    n = min(len(splits.train), batch_size * steps)
+    cores = torch.get_num_threads()
+    slice_size = max(1, batch_size // cores)
+    n = min(len(splits.train), slice_size * steps)
     train = splits.train.subset(torch.arange(n))
-    config = TrainConfig(batch_size=batch_size, optim=OptimConfig(lr=0.01, schedule="constant"))
+    config = TrainConfig(batch_size=slice_size, optim=OptimConfig(lr=0.01, schedule="constant"))
     engine = AutogradEngine(create_model("lenet5", splits.image_shape, len(splits.classes)), config)
-    # The whole batch on the calling thread: the profiler's parent chain ("train_step") does
-    # not cross into the slices' worker threads. Sliced, each core runs this same mix on its share.
     engine.slices = 1
+    torch.set_num_threads(1)
     order, quiet = torch.arange(n), Progress(quiet=True)
     step = engine.train_step
 
@@ -203,9 +211,11 @@ def profile(batch_size: int, steps: int, dataset: str) -> dict:
     shares = {g: round(t / total, 3) for g, t in sorted(groups.items(), key=lambda kv: -kv[1])}
     for group, share in shares.items():
         print(f"{group:<28} {100 * share:5.1f}%")
-    print(f"{steps} steps of batch {batch_size}: {1e3 * wall / steps:.2f} ms per step (profiled)")
-    return {"batch_size": batch_size, "steps": steps, "ms_per_step_profiled": round(1e3 * wall / steps, 2),
-            "shares": shares}  # fmt: skip
+    torch.set_num_threads(cores)
+    print(f"{steps} steps of one slice ({slice_size} of a batch of {batch_size}, one thread): "
+          f"{1e3 * wall / steps:.2f} ms per step (profiled)")  # fmt: skip
+    return {"batch_size": batch_size, "slice_size": slice_size, "threads": 1, "steps": steps,
+            "ms_per_step_profiled": round(1e3 * wall / steps, 2), "shares": shares}  # fmt: skip
 
 
 def pool_kernels(batch_size: int, repeats: int = 200) -> dict:
