@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     optim = config.optim
     name = "cnnlab train" if args.engine == "autograd" else "cnnlab --engine manual"
     record = Record(name, f"default recipe: batch {config.batch_size}, {optim.name} lr {optim.lr} {optim.schedule}, "
-                    f"{config.epochs} epochs, {args.engine} engine", config.batch_size, train_images)  # fmt: skip
+                    f"{config.epochs} epochs, {args.engine} engine", config.batch_size, train_images, args.seed)  # fmt: skip
     with tempfile.TemporaryDirectory() as runs:
         config.runs_dir = runs
         run = RunDirectory.create(Path(runs) / "bench", overwrite=False)

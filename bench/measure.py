@@ -150,6 +150,7 @@ class Record:
     description: str
     batch_size: int
     train_images: int
+    seed: int = 0
     epochs: list[dict] = field(default_factory=list)
     final_test_accuracy: float | None = None
     stopped_by_budget: bool = False
@@ -174,6 +175,7 @@ class Record:
         return {
             "name": self.name,
             "description": self.description,
+            "seed": self.seed,
             "batch_size": self.batch_size,
             "train_images": self.train_images,
             "images_per_s": round(statistics.median(steady), 1) if steady else None,

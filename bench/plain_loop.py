@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer, scheduler = sgd_one_cycle(model, args.epochs * steps_per_epoch)
 
     record = Record("plain PyTorch loop", f"tensors in memory, batch {BATCH_SIZE}, SGD Nesterov + OneCycleLR {LR}",
-                    BATCH_SIZE, len(x_train))  # fmt: skip
+                    BATCH_SIZE, len(x_train), args.seed)  # fmt: skip
     turns = Turns(args.turn_fds, record.turns)
     turns.take()
     clock = Clock(args.budget)

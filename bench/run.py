@@ -13,7 +13,10 @@ hands out turns, one epoch at a time, in order (a b c d a b c d ...; see
 measure.Turns), so that every stretch of the host's drift falls on each of
 them alike. There are `--repeats` rounds (the seed recipe, which trains for
 the whole budget, runs in the first only); each contender's figures are the
-medians over its runs, each ratio the median of the rounds' ratios. Then
+medians over its runs, each ratio the median of the rounds' ratios. Round r
+trains every contender from seed r (initial weights, batch order, validation
+split): when a run first tests at 90% moves by several epochs from seed to
+seed, and one seed's luck, good or bad, should not decide the ratio. Then
 inference (bench/inference.py) and a float32 matmul give the scale: what this
 CPU can do, and how much of it training uses.
 
@@ -74,8 +77,8 @@ QUICK = {"budget": 4.0, "train_limit": 2000, "test_limit": 500, "epochs": 2}
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=600.0, help="seconds of training per contender, at most")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of (b), (c) and (d) taking turns; "
-                        "figures are medians over the rounds")  # fmt: skip
+    parser.add_argument("--repeats", type=int, help="rounds of (b), (c) and (d) taking turns, round r from seed r; "
+                        "figures are medians over the rounds (default 3; 1 with --quick)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny budget and data subset: checks the bench runs")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--name", default=None, help="results file name (default: the dataset, or 'quick')")
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load_average()
     matmul = matmul_gflops()
     flops = training_flops_per_image(create_model("lenet5", (1, 28, 28), 10), (1, 28, 28))
-    repeats = 1 if args.quick else max(1, args.repeats)
+    repeats = max(1, args.repeats or (1 if args.quick else 3))
     rounds: list[dict[str, dict]] = []
     contenders = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -114,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                     contenders[key] = {"label": label, "skipped": "cnnlab.backprop.engine does not exist yet"}
                     continue
                 epochs = ["--epochs", str(QUICK["epochs"])] if args.quick else []
-                arguments = ["--dataset", args.dataset, "--budget", str(budget), *limits, *epochs, *extra]
+                arguments = ["--dataset", args.dataset, "--budget", str(budget), "--seed", str(repeat), *limits,
+                             *epochs, *extra]  # fmt: skip
                 jobs[key] = (script, arguments, Path(scratch) / f"{key}-{repeat}.json")
             rounds.append(run_in_turns(jobs))
         for key, label, _, _ in CONTENDERS:
@@ -135,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "budget_s": budget,
         "repeats": repeats,
+        "seeds": list(range(repeats)),
         "target_accuracy": TARGET_ACCURACY,
         "training_flops_per_image": flops,
         "matmul": matmul,
@@ -303,7 +308,8 @@ def markdown(results: dict) -> str:
         f"load average {results['load_average']['before']} before, {results['load_average']['after']} after. "
         f"Command: `{results['command']}`. Budget {results['budget_s']:.0f} s of training per contender."
         + " The contenders ran at once, taking turns epoch by epoch"
-        + (f", in {results['repeats']} rounds (the seed recipe in the first); figures are medians over the rounds "
+        + (f", in {results['repeats']} rounds from seeds 0-{results['repeats'] - 1} (the seed recipe in the first, "
+           "seed 0); figures are medians over the rounds "
            "(peak RSS: the largest), ratios the median of the rounds' ratios (each round's in brackets)."
            if results["repeats"] > 1 else ".")
         + (" Quick mode: a data subset, figures are not meaningful." if results["quick"] else ""),

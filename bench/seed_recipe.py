@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = optim.Adam(model.parameters())
 
     record = Record("seed recipe", "seed 001: batch 4, Adam lr 0.001, per-image Dataset + DataLoader", BATCH_SIZE,
-                    len(splits.train))  # fmt: skip
+                    len(splits.train), args.seed)  # fmt: skip
     turns = Turns(args.turn_fds, record.turns)
     turns.take()
     clock = Clock(args.budget)
