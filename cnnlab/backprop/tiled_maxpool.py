@@ -76,7 +76,6 @@ def _kernels(kh: int, kw: int):
     the rest of the step; serial loops also leave the kernels safe to call from several
     threads at once (nogil).
     """
-    window = kh * kw
 
     @compiled
     def forward(x, relu, y, switch):  # pragma: no cover - compiled; tested through its callers

@@ -31,50 +31,31 @@ import torch.nn.functional as F
 from cnnlab.compiled import compiled
 
 
-def wide_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, padding=padding) for x (N, C, H, W) float on the CPU -> (N, O, OH, OW)."""
-    x = _padded(x, padding)
-    out_channels, _, kh, kw = weight.shape
-    n, _, h, w = x.shape
-    y = x.new_empty(n, out_channels, h - kh + 1, w - kw + 1)
-    bias = bias.detach() if bias is not None else x.new_zeros(out_channels)
-    _kernels(*weight.shape, h, w)[0](x.numpy(), weight.detach().contiguous().numpy(), bias.numpy(), y.numpy())
-    return y
-
-
-def wide_conv2d_weight_grad(
-    x: torch.Tensor, dy: torch.Tensor, weight_shape: torch.Size, padding: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of the weight (O, C, KH, KW) and bias (O,) from x (N, C, H, W) and dy (N, O, OH, OW)."""
-    x = _padded(x, padding)
-    _, _, h, w = x.shape
-    dweight = x.new_empty(weight_shape)
-    dbias = x.new_empty(weight_shape[0])
-    _kernels(*weight_shape, h, w)[1](x.numpy(), dy.detach().contiguous().numpy(), dweight.numpy(), dbias.numpy())
-    return dweight, dbias
-
-
 class WideConv2d(torch.autograd.Function):
     """y = F.conv2d(x, weight, bias, padding=padding) for an x that needs no gradient; see the module docstring."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):  # x: (N, C, H, W) -> (N, O, OH, OW)
+        x = x.detach()
+        if padding != (0, 0):
+            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        x = x.contiguous()  # (N, C, H + 2 ph, W + 2 pw): padded once, kept padded for the backward
+        out_channels, _, kh, kw = weight.shape
+        n, _, h, w = x.shape
+        y = x.new_empty(n, out_channels, h - kh + 1, w - kw + 1)
+        b = bias.detach() if bias is not None else x.new_zeros(out_channels)
+        _kernels(*weight.shape, h, w)[0](x.numpy(), weight.detach().contiguous().numpy(), b.numpy(), y.numpy())
         ctx.save_for_backward(x)
-        ctx.weight_shape, ctx.padding, ctx.has_bias = weight.shape, padding, bias is not None
-        return wide_conv2d(x, weight, bias, padding)
+        ctx.weight_shape, ctx.has_bias = weight.shape, bias is not None
+        return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy):  # dy: (N, O, OH, OW) -> gradients of weight (O, C, KH, KW) and bias (O,)
         (x,) = ctx.saved_tensors
-        dweight, dbias = wide_conv2d_weight_grad(x, dy, ctx.weight_shape, ctx.padding)
+        _, _, h, w = x.shape
+        dweight, dbias = x.new_empty(ctx.weight_shape), x.new_empty(ctx.weight_shape[0])
+        _kernels(*ctx.weight_shape, h, w)[1](x.numpy(), dy.contiguous().numpy(), dweight.numpy(), dbias.numpy())
         return None, dweight, dbias if ctx.has_bias else None, None
-
-
-def _padded(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    x = x.detach()
-    if padding != (0, 0):
-        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    return x.contiguous()
 
 
 @functools.cache
@@ -92,7 +73,7 @@ def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, height: int,
     plane, taps = height * width, in_channels * kh * kw
 
     @compiled
-    def forward(x, weight, bias, y):  # pragma: no cover - compiled; tested through wide_conv2d
+    def forward(x, weight, bias, y):  # pragma: no cover - compiled; tested through WideConv2d
         # x: (N, C, H, W); weight: (O, C, KH, KW); bias: (O,); y: (N, O, OH, OW); all contiguous
         n = x.shape[0]
         x, weight, y = x.reshape(-1), weight.reshape(-1), y.reshape(-1)
@@ -115,7 +96,7 @@ def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, height: int,
 
     # reassoc (and nsz, which lets a sum start from +0): the sums below run as vector partial sums
     @compiled(fastmath={"reassoc", "nsz", "contract"})
-    def weight_grad(x, dy, dweight, dbias):  # pragma: no cover - compiled; tested through wide_conv2d_weight_grad
+    def weight_grad(x, dy, dweight, dbias):  # pragma: no cover - compiled; tested through WideConv2d
         # x: (N, C, H, W); dy: (N, O, OH, OW); dweight: (O, C, KH, KW); dbias: (O,); all contiguous
         n = x.shape[0]
         x, dy, dweight = x.reshape(-1), dy.reshape(-1), dweight.reshape(-1)
