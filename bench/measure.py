@@ -9,7 +9,8 @@ stops its clock, tests the model, and starts the clock again:
                    the bench's own test evaluations
     images_per_s   training images per second of the training loop alone; the
                    steady-state figure is the median over epochs, without the
-                   first (warm-up) epoch when there are more
+                   first (warm-up) epoch when there are more (`steady_images_per_s`;
+                   bench/run.py takes it again over the epochs all contenders ran)
     time_to_target the elapsed seconds at the end of the first epoch whose test
                    accuracy reaches the target (90%), or None: "not reached"
 
@@ -169,8 +170,6 @@ class Record:
         )
 
     def to_dict(self) -> dict:
-        rates = [e["images_per_s"] for e in self.epochs if e["images_per_s"]]
-        steady = rates[1:] if len(rates) > 1 else rates
         reached = next((e for e in self.epochs if e["test_accuracy"] >= TARGET_ACCURACY), None)
         return {
             "name": self.name,
@@ -178,7 +177,7 @@ class Record:
             "seed": self.seed,
             "batch_size": self.batch_size,
             "train_images": self.train_images,
-            "images_per_s": round(statistics.median(steady), 1) if steady else None,
+            "images_per_s": steady_images_per_s(self.epochs),
             "time_to_target_s": reached["elapsed_s"] if reached else None,
             "epochs_to_target": reached["epoch"] if reached else None,
             "target_accuracy": TARGET_ACCURACY,
@@ -193,6 +192,13 @@ class Record:
 
     def write(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def steady_images_per_s(epochs: list[dict], last: int | None = None) -> float | None:
+    """The steady-state training speed: the median images/s of `epochs[:last]`, the first (warm-up) left out if more."""
+    rates = [e["images_per_s"] for e in epochs[:last] if e["images_per_s"]]
+    steady = rates[1:] if len(rates) > 1 else rates
+    return round(statistics.median(steady), 1) if steady else None
 
 
 def peak_rss_mb() -> float:

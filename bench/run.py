@@ -13,7 +13,9 @@ hands out turns, one epoch at a time, in order (a b c d a b c d ...; see
 measure.Turns), so that every stretch of the host's drift falls on each of
 them alike. There are `--repeats` rounds (the seed recipe, which trains for
 the whole budget, runs in the first only); each contender's figures are the
-medians over its runs, each ratio the median of the rounds' ratios. Round r
+medians over its runs, each ratio the median of the rounds' ratios; a round's
+images/s are taken over the epochs all its contenders ran (2 to the shortest
+run's last; see over_common_epochs). Round r
 trains every contender from seed r (initial weights, batch order, validation
 split): when a run first tests at 90% moves by several epochs from seed to
 seed, and one seed's luck, good or bad, should not decide the ratio. Then
@@ -57,7 +59,7 @@ from cnnlab.data.sources import get_source
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
 from cnnlab.train.rundir import code_version
-from measure import TARGET_ACCURACY, matmul_gflops, training_flops_per_image
+from measure import TARGET_ACCURACY, matmul_gflops, steady_images_per_s, training_flops_per_image
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 arguments = ["--dataset", args.dataset, "--budget", str(budget), "--seed", str(repeat), *limits,
                              *epochs, *extra]  # fmt: skip
                 jobs[key] = (script, arguments, Path(scratch) / f"{key}-{repeat}.json")
-            rounds.append(run_in_turns(jobs))
+            rounds.append(over_common_epochs(run_in_turns(jobs)))
         for key, label, _, _ in CONTENDERS:
             if key not in contenders:
                 contenders[key] = {"label": label, **medians([r[key] for r in rounds if key in r])}
@@ -200,6 +202,24 @@ def run_in_turns(jobs: dict[str, tuple[str, list[str], Path]]) -> dict[str, dict
         script, _, out = jobs[key]
         failed = {"error": f"{script} exited with status {status}"}
         results[key] = json.loads(out.read_text()) if status == 0 else failed
+    return results
+
+
+def over_common_epochs(results: dict[str, dict]) -> dict[str, dict]:
+    """The round's results, each contender's images/s taken again over the epochs every contender ran.
+
+    The contenders train for different numbers of epochs (the plain loop 15, cnnlab
+    30): past the shortest, the longer ones train alone, their epochs no longer
+    taking turns with the others', and a host that slows down then shows up in
+    their figure only. The contender's own figure, over all its epochs, stays in
+    `images_per_s_all_epochs`.
+    """
+    finished = [r for r in results.values() if "error" not in r and r["epochs"]]
+    common = min((len(r["epochs"]) for r in finished), default=0)
+    for result in finished:
+        result["images_per_s_all_epochs"] = result["images_per_s"]
+        result["images_per_s"] = steady_images_per_s(result["epochs"], common)
+        result["steady_epochs"] = [min(2, common), common]
     return results
 
 
@@ -298,6 +318,19 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def _steady_epochs_sentence(results: dict) -> str:
+    """Which epochs each round's images/s are the median of (the same for every contender of the round)."""
+    ranges = {}
+    for contender in results["contenders"].values():
+        for run in contender.get("runs", []):
+            if "steady_epochs" in run:
+                ranges[run["seed"]] = "{}-{}".format(*run["steady_epochs"])
+    if not ranges:
+        return ""
+    each = ", ".join(ranges[seed] for seed in sorted(ranges))
+    return f" Images/s: the median over the epochs every contender of the round ran, the first left out ({each})."
+
+
 def markdown(results: dict) -> str:
     """The generated part of docs/performance.md: machine, training table, ratios, inference."""
     machine, matmul = results["machine"], results["matmul"]
@@ -312,6 +345,7 @@ def markdown(results: dict) -> str:
            "seed 0); figures are medians over the rounds "
            "(peak RSS: the largest), ratios the median of the rounds' ratios (each round's in brackets)."
            if results["repeats"] > 1 else ".")
+        + _steady_epochs_sentence(results)
         + (" Quick mode: a data subset, figures are not meaningful." if results["quick"] else ""),
         "",
         f"float32 matmul (1024x1024): {matmul['best_gflops']} GFLOP/s best, {matmul['median_gflops']} median. "

@@ -43,6 +43,12 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
             assert run["epochs"] and all(0 <= e["test_accuracy"] <= 1 for e in run["epochs"])
         assert contender["images_per_s"] == statistics.median_low(run["images_per_s"] for run in runs)
         assert contender["peak_rss_mb"] > 0
+    # A round's images/s are medians over the epochs all its contenders ran, the first left out when
+    # there are more (the seed recipe's budget may stop it within its first epoch).
+    for seed in (0, 1):
+        runs = [run for c in results["contenders"].values() for run in c.get("runs", []) if run["seed"] == seed]
+        common = min(len(run["epochs"]) for run in runs)
+        assert all(run["steady_epochs"] == [min(2, common), common] for run in runs)
     # The contenders of a round ran at once but trained in turns: one turn per epoch, and no two
     # turns overlap.
     turns = []
@@ -62,6 +68,29 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
 
     text = docs.read_text()
     assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text and "| c/b |" in text
+    assert "the median over the epochs every contender of the round ran, the first left out (" in text
+
+
+def test_images_per_s_are_taken_over_the_epochs_every_contender_of_the_round_ran(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from measure import steady_images_per_s
+    from run import over_common_epochs
+
+    def run(rates):
+        epochs = [{"epoch": i + 1, "images_per_s": rate} for i, rate in enumerate(rates)]
+        return {"images_per_s": steady_images_per_s(epochs), "epochs": epochs}
+
+    plain = run([50, 100, 120, 110])
+    cnnlab = run([60, 200, 220, 210, 20, 20, 20, 20])  # the host slowed down once the plain loop had finished
+    failed = {"error": "plain_loop.py exited with status 2"}
+    results = over_common_epochs({"plain_loop": plain, "cnnlab": cnnlab, "manual": failed})
+    assert results["cnnlab"]["images_per_s_all_epochs"] == 20
+    assert (results["cnnlab"]["images_per_s"], results["plain_loop"]["images_per_s"]) == (210, 110)
+    assert results["cnnlab"]["steady_epochs"] == results["plain_loop"]["steady_epochs"] == [2, 4]
+    assert results["manual"] == failed
+    single = over_common_epochs({"plain_loop": run([70]), "cnnlab": run([90, 300])})
+    assert (single["plain_loop"]["images_per_s"], single["cnnlab"]["images_per_s"]) == (70, 90)
+    assert single["cnnlab"]["steady_epochs"] == [1, 1]
 
 
 def test_a_time_to_target_that_only_one_side_reached_is_a_bound_or_said_as_such(monkeypatch):
