@@ -13,22 +13,37 @@ each tap (p, q), so one flat loop over k covers a whole output plane with
 contiguous loads, which LLVM vectorizes; the W - OW columns at the end of each
 row are junk and are dropped (forward) or held at zero (weight gradient).
 
+What bounds such a loop is loads, not arithmetic, so each load feeds several
+sums held in registers: the forward pass computes BLOCK output channels at a
+time (one input load, BLOCK multiply-adds), the weight gradient BLOCK output
+channels x COLUMNS kernel columns (BLOCK + COLUMNS loads, BLOCK x COLUMNS
+multiply-adds). Output channels are padded with zero weights to a multiple of
+BLOCK, and kernel columns to a multiple of COLUMNS; their sums are dropped.
+
+Each image is copied into a buffer with zero margins (the padding) and
+COLUMNS - 1 zeros after its end, which a block of columns past the kernel's
+last may read; the loops read the buffer, which stays in the L1 cache, and
+nothing padded is kept between the forward and backward passes.
+
 The sums run in another order than oneDNN's, so values and gradients equal
 PyTorch's up to float rounding (relative ~1e-6), not bit for bit. The input's
 gradient is not computed: this is for a network's first layer, whose input
-needs none. Stride 1, no dilation, no groups; padding is applied to the input
-first. Weights and bias are (O, C, KH, KW) and (O,).
+needs none. Stride 1, no dilation, no groups. Weights and bias are
+(O, C, KH, KW) and (O,).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cnnlab.compiled import compiled
+
+BLOCK = 3  # output channels per pass
+COLUMNS = 5  # kernel columns per pass of the weight gradient (LeNet-5's kernels are 5 wide)
 
 
 class WideConv2d(torch.autograd.Function):
@@ -36,90 +51,150 @@ class WideConv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):  # x: (N, C, H, W) -> (N, O, OH, OW)
-        x = x.detach()
-        if padding != (0, 0):
-            x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-        x = x.contiguous()  # (N, C, H + 2 ph, W + 2 pw): padded once, kept padded for the backward
-        out_channels, _, kh, kw = weight.shape
-        n, _, h, w = x.shape
-        y = x.new_empty(n, out_channels, h - kh + 1, w - kw + 1)
-        b = bias.detach() if bias is not None else x.new_zeros(out_channels)
-        _kernels(*weight.shape, h, w)[0](x.numpy(), weight.detach().contiguous().numpy(), b.numpy(), y.numpy())
+        x = x.detach().contiguous()
+        out_channels, in_channels, kh, kw = weight.shape
+        blocked = math.ceil(out_channels / BLOCK) * BLOCK
+        weights = weight.new_zeros(blocked, in_channels, kh, kw)  # (O rounded up to BLOCK, C, KH, KW)
+        weights[:out_channels] = weight.detach()
+        biases = weight.new_zeros(blocked)
+        if bias is not None:
+            biases[:out_channels] = bias.detach()
+        (ph, pw), (rows, columns) = padding, x.shape[2:]
+        kernels = _kernels(out_channels, in_channels, kh, kw, rows, columns, ph, pw)
+        y = x.new_empty(len(x), out_channels, rows + 2 * ph - kh + 1, columns + 2 * pw - kw + 1)
+        kernels[0](x.numpy(), weights.numpy(), biases.numpy(), y.numpy())
         ctx.save_for_backward(x)
-        ctx.weight_shape, ctx.has_bias = weight.shape, bias is not None
+        ctx.blocked, ctx.has_bias, ctx.kernels, ctx.weight_shape = blocked, bias is not None, kernels, weight.shape
         return y
 
     @staticmethod
     def backward(ctx, dy):  # dy: (N, O, OH, OW) -> gradients of weight (O, C, KH, KW) and bias (O,)
         (x,) = ctx.saved_tensors
-        _, _, h, w = x.shape
-        dweight, dbias = x.new_empty(ctx.weight_shape), x.new_empty(ctx.weight_shape[0])
-        _kernels(*ctx.weight_shape, h, w)[1](x.numpy(), dy.contiguous().numpy(), dweight.numpy(), dbias.numpy())
-        return None, dweight, dbias if ctx.has_bias else None, None
+        out_channels, in_channels, kh, kw = ctx.weight_shape
+        dweight = x.new_empty(ctx.blocked, in_channels, kh, kw)
+        dbias = x.new_empty(ctx.blocked)
+        ctx.kernels[1](x.numpy(), dy.contiguous().numpy(), dweight.numpy(), dbias.numpy())
+        return None, dweight[:out_channels], dbias[:out_channels] if ctx.has_bias else None, None
 
 
 @functools.cache
-def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, height: int, width: int):
-    """The compiled (forward, weight gradient) loops for one convolution's shapes (of the padded input).
+def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, rows: int, columns: int, ph: int, pw: int):
+    """The compiled (forward, weight gradient) loops for one convolution's shapes and padding.
 
     All shapes are constants of the compiled code: LLVM unrolls the C x KH x KW taps and
     vectorizes the flat loop over output positions around them. Offsets are unsigned, as
     numba's wrap-around check for negative indices keeps LLVM from vectorizing.
     """
+    height, width = rows + 2 * ph, columns + 2 * pw  # of the padded input
     oh, ow = height - kh + 1, width - kw + 1
     # Output positions at the input's pitch, up to the last real one: the last tap of the
     # last position reads the image's last pixel, never past it.
     span = (oh - 1) * width + ow
     plane, taps = height * width, in_channels * kh * kw
+    s1, s2 = np.uint64(span), np.uint64(2 * span)  # where a block's second and third planes start
+    # reassoc (and nsz, which lets a sum start from +0): the sums run as vector partial sums
+    fast = {"reassoc", "nsz", "contract"}
 
     @compiled
+    def pad(x, image, padded):  # pragma: no cover - compiled; tested through WideConv2d
+        # x: (N, C, rows, columns), flat; padded: one image, (C, H, W) flat and COLUMNS - 1 more, its
+        # margins and tail 0: image `image` is copied inside the margins
+        first = np.uint64(image * in_channels * rows * columns)
+        for c in range(in_channels):
+            for i in range(rows):
+                source = first + np.uint64((c * rows + i) * columns)
+                target = np.uint64(c * plane + (i + ph) * width + pw)
+                for j in range(columns):
+                    padded[target + np.uint64(j)] = x[source + np.uint64(j)]
+
+    @compiled(fastmath=fast)
     def forward(x, weight, bias, y):  # pragma: no cover - compiled; tested through WideConv2d
-        # x: (N, C, H, W); weight: (O, C, KH, KW); bias: (O,); y: (N, O, OH, OW); all contiguous
+        # x: (N, C, rows, columns); weight: (O rounded up to BLOCK, C, KH, KW); bias: (O rounded up,);
+        # y: (N, O, OH, OW)
         n = x.shape[0]
         x, weight, y = x.reshape(-1), weight.reshape(-1), y.reshape(-1)
-        wide = np.empty(span, y.dtype)  # one output plane at the input's pitch
+        padded = np.zeros(in_channels * plane + COLUMNS - 1, x.dtype)
+        wide = np.empty(BLOCK * span, y.dtype)  # a block's output planes at the input's pitch
         for image in range(n):
-            first = np.uint64(image * in_channels * plane)
-            for o in range(out_channels):
+            pad(x, image, padded)
+            for block in range(0, out_channels, BLOCK):
                 for k in range(span):
-                    total = bias[o]
+                    total0, total1, total2 = bias[block], bias[block + 1], bias[block + 2]
                     for c in range(in_channels):
                         for p in range(kh):
                             for q in range(kw):
-                                tap = weight[np.uint64(((o * in_channels + c) * kh + p) * kw + q)]
-                                total += tap * x[first + np.uint64(c * plane + p * width + q + k)]
-                    wide[np.uint64(k)] = total
-                out = np.uint64((image * out_channels + o) * oh * ow)
-                for i in range(oh):
-                    for j in range(ow):
-                        y[out + np.uint64(i * ow + j)] = wide[np.uint64(i * width + j)]
+                                tap = (c * kh + p) * kw + q
+                                value = padded[np.uint64(c * plane + p * width + q + k)]
+                                total0 += weight[np.uint64(block * taps + tap)] * value
+                                total1 += weight[np.uint64((block + 1) * taps + tap)] * value
+                                total2 += weight[np.uint64((block + 2) * taps + tap)] * value
+                    at = np.uint64(k)
+                    wide[at], wide[s1 + at], wide[s2 + at] = total0, total1, total2
+                for b in range(min(BLOCK, out_channels - block)):
+                    out = np.uint64((image * out_channels + block + b) * oh * ow)
+                    for i in range(oh):
+                        row = np.uint64(b * span + i * width)
+                        for j in range(ow):
+                            y[out + np.uint64(i * ow + j)] = wide[row + np.uint64(j)]
 
-    # reassoc (and nsz, which lets a sum start from +0): the sums below run as vector partial sums
-    @compiled(fastmath={"reassoc", "nsz", "contract"})
+    @compiled(fastmath=fast)
     def weight_grad(x, dy, dweight, dbias):  # pragma: no cover - compiled; tested through WideConv2d
-        # x: (N, C, H, W); dy: (N, O, OH, OW); dweight: (O, C, KH, KW); dbias: (O,); all contiguous
+        # x: (N, C, rows, columns); dy: (N, O, OH, OW); dweight: (O rounded up to BLOCK, C, KH, KW);
+        # dbias: (O rounded up,)
         n = x.shape[0]
         x, dy, dweight = x.reshape(-1), dy.reshape(-1), dweight.reshape(-1)
+        padded = np.zeros(in_channels * plane + COLUMNS - 1, x.dtype)
         dweight[:] = 0
         dbias[:] = 0
-        wide = np.zeros(span, dy.dtype)  # one output gradient plane at the input's pitch; junk columns stay 0
+        # A block's output gradient planes at the input's pitch. Junk columns, and the planes of
+        # channels past O, are never written and stay 0, so they add nothing to the sums.
+        wide = np.zeros(BLOCK * span, dy.dtype)
         for image in range(n):
-            first = np.uint64(image * in_channels * plane)
-            for o in range(out_channels):
-                source = np.uint64((image * out_channels + o) * oh * ow)
-                total = dy.dtype.type(0)
-                for i in range(oh):
-                    for j in range(ow):
-                        g = dy[source + np.uint64(i * ow + j)]
-                        wide[np.uint64(i * width + j)] = g
-                        total += g
-                dbias[o] += total
-                for t in range(taps):
-                    c, p, q = t // (kh * kw), t // kw % kh, t % kw
-                    read = first + np.uint64(c * plane + p * width + q)
+            pad(x, image, padded)
+            for block in range(0, out_channels, BLOCK):
+                for b in range(min(BLOCK, out_channels - block)):
+                    source = np.uint64((image * out_channels + block + b) * oh * ow)
+                    for i in range(oh):
+                        row = np.uint64(b * span + i * width)
+                        for j in range(ow):
+                            wide[row + np.uint64(j)] = dy[source + np.uint64(i * ow + j)]
                     total = dy.dtype.type(0)
-                    for k in range(span):
-                        total += wide[np.uint64(k)] * x[read + np.uint64(k)]
-                    dweight[np.uint64(o * taps + t)] += total
+                    for k in range(oh * ow):
+                        total += dy[source + np.uint64(k)]
+                    dbias[block + b] += total
+                for c in range(in_channels):
+                    for p in range(kh):
+                        for q in range(0, kw, COLUMNS):
+                            read = np.uint64(c * plane + p * width + q)
+                            # sum_bj: output channel block + b, kernel column q + j
+                            sum00 = sum01 = sum02 = sum03 = sum04 = dy.dtype.type(0)
+                            sum10 = sum11 = sum12 = sum13 = sum14 = dy.dtype.type(0)
+                            sum20 = sum21 = sum22 = sum23 = sum24 = dy.dtype.type(0)
+                            for k in range(span):
+                                g0, g1, g2 = wide[np.uint64(k)], wide[s1 + np.uint64(k)], wide[s2 + np.uint64(k)]
+                                at = read + np.uint64(k)
+                                v0, v1, v2 = padded[at], padded[at + np.uint64(1)], padded[at + np.uint64(2)]
+                                v3, v4 = padded[at + np.uint64(3)], padded[at + np.uint64(4)]
+                                sum00 += g0 * v0
+                                sum01 += g0 * v1
+                                sum02 += g0 * v2
+                                sum03 += g0 * v3
+                                sum04 += g0 * v4
+                                sum10 += g1 * v0
+                                sum11 += g1 * v1
+                                sum12 += g1 * v2
+                                sum13 += g1 * v3
+                                sum14 += g1 * v4
+                                sum20 += g2 * v0
+                                sum21 += g2 * v1
+                                sum22 += g2 * v2
+                                sum23 += g2 * v3
+                                sum24 += g2 * v4
+                            sums = (sum00, sum01, sum02, sum03, sum04, sum10, sum11, sum12, sum13, sum14,
+                                    sum20, sum21, sum22, sum23, sum24)  # fmt: skip
+                            for b in range(BLOCK):
+                                for j in range(min(COLUMNS, kw - q)):
+                                    tap = (c * kh + p) * kw + q + j
+                                    dweight[np.uint64((block + b) * taps + tap)] += sums[b * COLUMNS + j]
 
     return forward, weight_grad
