@@ -11,6 +11,7 @@ from torch import nn
 from cnnlab.data.dataset import ImageDataset, Normalization
 from cnnlab.train.fastpath import fast_forward
 from cnnlab.train.metrics import ClassReport, confusion_matrix, per_class_report
+from cnnlab.train.slices import map_slices, slice_count, sliced
 
 # No gradients are kept, so a large batch costs little memory and saves per-batch
 # overhead, up to a point: on a CPU LeNet-5's forward is fastest at 256-512 images
@@ -38,14 +39,24 @@ def evaluate(model: nn.Module, data: ImageDataset, normalization: Normalization)
     was_training = model.training
     model.eval()
     forward = fast_forward(model, data.images.device)  # same numbers as model(x), faster on a CPU
+    slices = slice_count(model, data.images.device)
+
+    @torch.inference_mode()  # grad mode is per thread, and the slices run on worker threads
+    def loss_and_predictions(_, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = forward(normalization.apply(images))  # (B, C, H, W) uint8 -> (B, K)
+        return F.cross_entropy(logits, labels, reduction="sum").to(torch.float64), logits.argmax(dim=1)
+
     total_loss = torch.zeros((), dtype=torch.float64, device=data.images.device)
     predictions = []
     for start in range(0, len(data), EVAL_BATCH_SIZE):
         images = data.images[start : start + EVAL_BATCH_SIZE]  # (B, C, H, W) uint8
         labels = data.labels[start : start + EVAL_BATCH_SIZE]  # (B,) int64
-        logits = forward(normalization.apply(images))  # (B, K)
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").to(torch.float64)
-        predictions.append(logits.argmax(dim=1))
+        # As in training, a CPU's cores each take a slice of the batch (slices.py): the compiled
+        # loops of the fast path run on the calling thread only.
+        with sliced(len(images), slices) as count:
+            for loss, predicted in map_slices(loss_and_predictions, images, labels, count):
+                total_loss += loss
+                predictions.append(predicted)
     model.train(was_training)
     predicted = torch.cat(predictions).cpu()
     accuracy = (predicted == data.labels.cpu()).to(torch.float64).mean().item()
