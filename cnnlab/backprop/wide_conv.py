@@ -77,6 +77,20 @@ class WideConv2d(torch.autograd.Function):
         return None, dweight[:out_channels], dbias[:out_channels] if ctx.has_bias else None, None
 
 
+@compiled
+def _pad(x, image, padded, channels, rows, columns, ph, pw):  # pragma: no cover - compiled; tested through WideConv2d
+    """Image `image` of x (N, C, rows, columns), flat, into `padded` (C, rows + 2 ph, columns + 2 pw), flat,
+    inside its margins, which are left as they are (0)."""
+    height, width = rows + 2 * ph, columns + 2 * pw
+    first = np.uint64(image * channels * rows * columns)
+    for c in range(channels):
+        for i in range(rows):
+            source = first + np.uint64((c * rows + i) * columns)
+            target = np.uint64((c * height + i + ph) * width + pw)
+            for j in range(columns):
+                padded[target + np.uint64(j)] = x[source + np.uint64(j)]
+
+
 @functools.cache
 def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, rows: int, columns: int, ph: int, pw: int):
     """The compiled (forward, weight gradient) loops for one convolution's shapes and padding.
@@ -95,18 +109,6 @@ def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, rows: int, c
     # reassoc (and nsz, which lets a sum start from +0): the sums run as vector partial sums
     fast = {"reassoc", "nsz", "contract"}
 
-    @compiled
-    def pad(x, image, padded):  # pragma: no cover - compiled; tested through WideConv2d
-        # x: (N, C, rows, columns), flat; padded: one image, (C, H, W) flat and COLUMNS - 1 more, its
-        # margins and tail 0: image `image` is copied inside the margins
-        first = np.uint64(image * in_channels * rows * columns)
-        for c in range(in_channels):
-            for i in range(rows):
-                source = first + np.uint64((c * rows + i) * columns)
-                target = np.uint64(c * plane + (i + ph) * width + pw)
-                for j in range(columns):
-                    padded[target + np.uint64(j)] = x[source + np.uint64(j)]
-
     @compiled(fastmath=fast)
     def forward(x, weight, bias, y):  # pragma: no cover - compiled; tested through WideConv2d
         # x: (N, C, rows, columns); weight: (O rounded up to BLOCK, C, KH, KW); bias: (O rounded up,);
@@ -116,7 +118,7 @@ def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, rows: int, c
         padded = np.zeros(in_channels * plane + COLUMNS - 1, x.dtype)
         wide = np.empty(BLOCK * span, y.dtype)  # a block's output planes at the input's pitch
         for image in range(n):
-            pad(x, image, padded)
+            _pad(x, image, padded, in_channels, rows, columns, ph, pw)
             for block in range(0, out_channels, BLOCK):
                 for k in range(span):
                     total0, total1, total2 = bias[block], bias[block + 1], bias[block + 2]
@@ -150,7 +152,7 @@ def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, rows: int, c
         # channels past O, are never written and stay 0, so they add nothing to the sums.
         wide = np.zeros(BLOCK * span, dy.dtype)
         for image in range(n):
-            pad(x, image, padded)
+            _pad(x, image, padded, in_channels, rows, columns, ph, pw)
             for block in range(0, out_channels, BLOCK):
                 for b in range(min(BLOCK, out_channels - block)):
                     source = np.uint64((image * out_channels + block + b) * oh * ow)
