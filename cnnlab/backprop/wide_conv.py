@@ -1,4 +1,4 @@
-"""A convolution with few input channels (LeNet-5's first), forward and weight gradient, as compiled loops.
+"""A convolution with few input channels (LeNet-5's first) and the max-pool after it, as compiled loops.
 
 oneDNN, which PyTorch's CPU convolutions run on, computes in blocks of 16
 channels: LeNet-5's first convolution (1 -> 6 channels) is padded to 16, and
@@ -20,6 +20,14 @@ channels x COLUMNS kernel columns (BLOCK + COLUMNS loads, BLOCK x COLUMNS
 multiply-adds). Output channels are padded with zero weights to a multiple of
 BLOCK, and kernel columns to a multiple of COLUMNS; their sums are dropped.
 
+The max-pool that follows the convolution (and the ReLU beside it) runs on
+each block's output planes while they are in the L1 cache, with the windows,
+ties and NaNs of `cnnlab.backprop.tiled_maxpool`: the convolution's output is
+never written to memory, and its gradient is never built there either. The
+backward pass spreads each pooled gradient to its window's maximum straight
+into the planes the weight gradient reads. A pool of 1 x 1 without the ReLU
+leaves the convolution alone.
+
 Each image is copied into a buffer with zero margins (the padding) and
 COLUMNS - 1 zeros after its end, which a block of columns past the kernel's
 last may read; the loops read the buffer, which stays in the L1 cache, and
@@ -40,6 +48,7 @@ import math
 import numpy as np
 import torch
 
+from cnnlab.backprop.tiled_maxpool import NO_SWITCH
 from cnnlab.compiled import compiled
 
 BLOCK = 3  # output channels per pass
@@ -47,10 +56,11 @@ COLUMNS = 5  # kernel columns per pass of the weight gradient (LeNet-5's kernels
 
 
 class WideConv2d(torch.autograd.Function):
-    """y = F.conv2d(x, weight, bias, padding=padding) for an x that needs no gradient; see the module docstring."""
+    """y = max_pool2d(conv2d(x, weight, bias, padding=padding), pool), then max(0, y) if `relu`, for an x
+    that needs no gradient; windows that tile the convolution's output; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding):  # x: (N, C, H, W) -> (N, O, OH, OW)
+    def forward(ctx, x, weight, bias, padding, pool, relu):  # x: (N, C, H, W) -> (N, O, OH // PH, OW // PW)
         x = x.detach().contiguous()
         out_channels, in_channels, kh, kw = weight.shape
         blocked = math.ceil(out_channels / BLOCK) * BLOCK
@@ -60,21 +70,23 @@ class WideConv2d(torch.autograd.Function):
         if bias is not None:
             biases[:out_channels] = bias.detach()
         (ph, pw), (rows, columns) = padding, x.shape[2:]
-        kernels = _kernels(out_channels, in_channels, kh, kw, rows, columns, ph, pw)
-        y = x.new_empty(len(x), out_channels, rows + 2 * ph - kh + 1, columns + 2 * pw - kw + 1)
-        kernels[0](x.numpy(), weights.numpy(), biases.numpy(), y.numpy())
-        ctx.save_for_backward(x)
+        kernels = _kernels(out_channels, in_channels, kh, kw, rows, columns, ph, pw, *pool, relu)
+        pooled = ((rows + 2 * ph - kh + 1) // pool[0], (columns + 2 * pw - kw + 1) // pool[1])
+        y = x.new_empty(len(x), out_channels, *pooled)
+        switch = torch.empty(y.shape, dtype=torch.uint8)  # which position of its window each output is
+        kernels[0](x.numpy(), weights.numpy(), biases.numpy(), y.numpy(), switch.numpy())
+        ctx.save_for_backward(x, switch)
         ctx.blocked, ctx.has_bias, ctx.kernels, ctx.weight_shape = blocked, bias is not None, kernels, weight.shape
         return y
 
     @staticmethod
-    def backward(ctx, dy):  # dy: (N, O, OH, OW) -> gradients of weight (O, C, KH, KW) and bias (O,)
-        (x,) = ctx.saved_tensors
+    def backward(ctx, dy):  # dy: (N, O, POH, POW) -> gradients of weight (O, C, KH, KW) and bias (O,)
+        x, switch = ctx.saved_tensors
         out_channels, in_channels, kh, kw = ctx.weight_shape
         dweight = x.new_empty(ctx.blocked, in_channels, kh, kw)
         dbias = x.new_empty(ctx.blocked)
-        ctx.kernels[1](x.numpy(), dy.contiguous().numpy(), dweight.numpy(), dbias.numpy())
-        return None, dweight[:out_channels], dbias[:out_channels] if ctx.has_bias else None, None
+        ctx.kernels[1](x.numpy(), dy.contiguous().numpy(), switch.numpy(), dweight.numpy(), dbias.numpy())
+        return None, dweight[:out_channels], dbias[:out_channels] if ctx.has_bias else None, None, None, None
 
 
 @compiled
@@ -92,8 +104,11 @@ def _pad(x, image, padded, channels, rows, columns, ph, pw):  # pragma: no cover
 
 
 @functools.cache
-def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, rows: int, columns: int, ph: int, pw: int):
-    """The compiled (forward, weight gradient) loops for one convolution's shapes and padding.
+def _kernels(
+    out_channels: int, in_channels: int, kh: int, kw: int, rows: int, columns: int, ph: int, pw: int,
+    pool_h: int, pool_w: int, relu: bool,
+):  # fmt: skip
+    """The compiled (forward, weight gradient) loops for one convolution's shapes, padding and pool.
 
     All shapes are constants of the compiled code: LLVM unrolls the C x KH x KW taps and
     vectorizes the flat loop over output positions around them. Offsets are unsigned, as
@@ -105,18 +120,23 @@ def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, rows: int, c
     # last position reads the image's last pixel, never past it.
     span = (oh - 1) * width + ow
     plane, taps = height * width, in_channels * kh * kw
+    poh, pow_ = oh // pool_h, ow // pool_w  # the pooled output
+    covered = pow_ * pool_w  # the columns of a plane the windows cover
     s1, s2 = np.uint64(span), np.uint64(2 * span)  # where a block's second and third planes start
     # reassoc (and nsz, which lets a sum start from +0): the sums run as vector partial sums
     fast = {"reassoc", "nsz", "contract"}
 
     @compiled(fastmath=fast)
-    def forward(x, weight, bias, y):  # pragma: no cover - compiled; tested through WideConv2d
+    def forward(x, weight, bias, y, switch):  # pragma: no cover - compiled; tested through WideConv2d
         # x: (N, C, rows, columns); weight: (O rounded up to BLOCK, C, KH, KW); bias: (O rounded up,);
-        # y: (N, O, OH, OW)
+        # y, switch: (N, O, POH, POW)
         n = x.shape[0]
-        x, weight, y = x.reshape(-1), weight.reshape(-1), y.reshape(-1)
+        x, weight, y, switch = x.reshape(-1), weight.reshape(-1), y.reshape(-1), switch.reshape(-1)
         padded = np.zeros(in_channels * plane + COLUMNS - 1, x.dtype)
         wide = np.empty(BLOCK * span, y.dtype)  # a block's output planes at the input's pitch
+        column_max = np.empty(covered, y.dtype)  # one band of pool_h rows, reduced to column maxima
+        column_row = np.empty(covered, np.uint8)  # the row (times pool_w) of each column's maximum
+        zero = y.dtype.type(0)
         for image in range(n):
             _pad(x, image, padded, in_channels, rows, columns, ph, pw)
             for block in range(0, out_channels, BLOCK):
@@ -132,37 +152,66 @@ def _kernels(out_channels: int, in_channels: int, kh: int, kw: int, rows: int, c
                                 total2 += weight[np.uint64((block + 2) * taps + tap)] * value
                     at = np.uint64(k)
                     wide[at], wide[s1 + at], wide[s2 + at] = total0, total1, total2
+                # The pool, as tiled_maxpool's two passes: a position replaces the best so far
+                # when it is larger or NaN, so the first of equal maxima wins and the last NaN.
                 for b in range(min(BLOCK, out_channels - block)):
-                    out = np.uint64((image * out_channels + block + b) * oh * ow)
-                    for i in range(oh):
-                        row = np.uint64(b * span + i * width)
-                        for j in range(ow):
-                            y[out + np.uint64(i * ow + j)] = wide[row + np.uint64(j)]
+                    out = np.uint64((image * out_channels + block + b) * poh * pow_)
+                    for band in range(poh):
+                        first = np.uint64(b * span + band * pool_h * width)
+                        for j in range(covered):
+                            best, where = wide[first + np.uint64(j)], np.uint8(0)
+                            for a in range(1, pool_h):
+                                v = wide[first + np.uint64(a * width + j)]
+                                take = (v > best) | (v != v)
+                                best = v if take else best
+                                where = np.uint8(a * pool_w) if take else where
+                            column_max[np.uint64(j)] = best
+                            column_row[np.uint64(j)] = where
+                        for window in range(pow_):
+                            at = np.uint64(window * pool_w)
+                            best, where = column_max[at], column_row[at]
+                            for c in range(1, pool_w):
+                                v, place = column_max[at + np.uint64(c)], column_row[at + np.uint64(c)] + np.uint8(c)
+                                later_nan = (v != v) & ((best == best) | (place > where))
+                                take = later_nan | (v > best) | ((v == best) & (place < where))
+                                best = v if take else best
+                                where = place if take else where
+                            cut = relu & ~((best > 0) | (best != best))  # the ReLU: no gradient through <= 0
+                            o = out + np.uint64(band * pow_ + window)
+                            y[o] = zero if cut else best
+                            switch[o] = np.uint8(NO_SWITCH) if cut else where
 
     @compiled(fastmath=fast)
-    def weight_grad(x, dy, dweight, dbias):  # pragma: no cover - compiled; tested through WideConv2d
-        # x: (N, C, rows, columns); dy: (N, O, OH, OW); dweight: (O rounded up to BLOCK, C, KH, KW);
+    def weight_grad(x, dy, switch, dweight, dbias):  # pragma: no cover - compiled; tested through WideConv2d
+        # x: (N, C, rows, columns); dy, switch: (N, O, POH, POW); dweight: (O rounded up to BLOCK, C, KH, KW);
         # dbias: (O rounded up,)
         n = x.shape[0]
-        x, dy, dweight = x.reshape(-1), dy.reshape(-1), dweight.reshape(-1)
+        x, dy, switch, dweight = x.reshape(-1), dy.reshape(-1), switch.reshape(-1), dweight.reshape(-1)
         padded = np.zeros(in_channels * plane + COLUMNS - 1, x.dtype)
         dweight[:] = 0
         dbias[:] = 0
-        # A block's output gradient planes at the input's pitch. Junk columns, and the planes of
-        # channels past O, are never written and stay 0, so they add nothing to the sums.
+        # A block's convolution-output gradient planes at the input's pitch: each pooled gradient
+        # at its window's maximum, 0 elsewhere (junk columns included). The planes of channels
+        # past O are never written and stay 0, so they add nothing to the sums.
         wide = np.zeros(BLOCK * span, dy.dtype)
+        zero = dy.dtype.type(0)
         for image in range(n):
             _pad(x, image, padded, in_channels, rows, columns, ph, pw)
             for block in range(0, out_channels, BLOCK):
                 for b in range(min(BLOCK, out_channels - block)):
-                    source = np.uint64((image * out_channels + block + b) * oh * ow)
-                    for i in range(oh):
-                        row = np.uint64(b * span + i * width)
-                        for j in range(ow):
-                            wide[row + np.uint64(j)] = dy[source + np.uint64(i * ow + j)]
-                    total = dy.dtype.type(0)
-                    for k in range(oh * ow):
-                        total += dy[source + np.uint64(k)]
+                    start = np.uint64(b * span)
+                    for k in range(span):
+                        wide[start + np.uint64(k)] = zero
+                    source = np.uint64((image * out_channels + block + b) * poh * pow_)
+                    total = zero
+                    for band in range(poh):
+                        for window in range(pow_):
+                            o = source + np.uint64(band * pow_ + window)
+                            s = switch[o]
+                            if s != np.uint8(NO_SWITCH):
+                                i, j = band * pool_h + s // np.uint8(pool_w), window * pool_w + s % np.uint8(pool_w)
+                                wide[start + np.uint64(i * width + j)] = dy[o]
+                                total += dy[o]
                     dbias[block + b] += total
                 for c in range(in_channels):
                     for p in range(kh):

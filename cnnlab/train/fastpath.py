@@ -17,12 +17,13 @@ instead of PyTorch's kernel, and fused with the ReLU next to it:
   (`python bench/fastpath.py`).
 
 A first convolution from one channel to fewer than 16 (LeNet-5's, 1 -> 6)
-runs compiled loops too (`cnnlab.backprop.wide_conv`): oneDNN pads its output
-to 16 channels and converts it to and from its blocked layout on every call,
-which cost more than the convolution. Those loops sum in another order, so
-with LeNet-5 on one-channel images the logits and gradients equal the model's
-up to float rounding (~1e-6 relative), no longer bit for bit. A training step
-of LeNet-5 on Fashion-MNIST (batch 384, two slices) is ~6-9% faster for it.
+runs compiled loops too, with the tiling pool after it
+(`cnnlab.backprop.wide_conv`): oneDNN pads its output to 16 channels and
+converts it to and from its blocked layout on every call, which cost more than
+the convolution, and the pool reads the convolution's output while it is in
+the L1 cache. Those loops sum in another order, so with LeNet-5 on
+one-channel images the logits and gradients equal the model's up to float
+rounding (~1e-6 relative), no longer bit for bit.
 
 One more change, for inference on a few images (serving one request at a
 time): there, each other convolution runs PyTorch's im2col kernel instead of
@@ -67,7 +68,7 @@ def fast_forward(model: nn.Module, device: torch.device | str = "cpu") -> Forwar
     if torch.device(device).type != "cpu" or not isinstance(model, nn.Sequential):
         return model
     steps = _plan(list(model))
-    if not any(isinstance(step, _TiledPool) for step in steps):
+    if not any(isinstance(step, (_TiledPool, _ConvPool)) for step in steps):
         return model
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -117,22 +118,15 @@ class _TiledMaxPool(torch.autograd.Function):
 
 
 class _Conv:
-    """A Conv2d. One with a single input channel, whose input needs no gradient (a network's first),
-    runs cnnlab's compiled loops; otherwise inference on at most SMALL_BATCH images runs PyTorch's
-    im2col kernel instead of oneDNN's."""
+    """A Conv2d; inference on at most SMALL_BATCH images runs PyTorch's im2col kernel instead of oneDNN's."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         self.conv = conv
-        # Where oneDNN pads the output to a block of 16 channels and converts it every step: LeNet-5's
-        # first convolution (1 -> 6) trains ~1.5x faster through the compiled loops (wide_conv.py).
-        self.wide = conv.in_channels == 1 and conv.out_channels < 16 and conv.stride == (1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if x.dtype not in (torch.float32, torch.float64):  # the compiled loops and im2col take these two
+        if x.dtype not in (torch.float32, torch.float64):  # im2col takes these two
             return conv(x)
-        if self.wide and not x.requires_grad:
-            return WideConv2d.apply(x, conv.weight, conv.bias, conv.padding)
         if len(x) > SMALL_BATCH or torch.is_grad_enabled():
             return conv(x)
         return torch.ops.aten.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
@@ -144,6 +138,29 @@ class _Conv:
             isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.dilation == (1, 1)
             and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
         )  # fmt: skip
+
+
+class _ConvPool:
+    """A convolution from one channel to few (LeNet-5's first, 1 -> 6) and the tiling max-pool after
+    it: cnnlab's compiled loops (wide_conv.py) where the input needs no gradient (a network's
+    first layer), otherwise the two steps. oneDNN pads such a convolution's output to a block of
+    16 channels and converts it to and from its blocked layout on every call."""
+
+    def __init__(self, conv: _Conv, pool: _TiledPool) -> None:
+        self.conv, self.pool = conv, pool
+
+    @staticmethod
+    def fits(step: Forward, following: Forward | None) -> bool:
+        if not (isinstance(step, _Conv) and isinstance(following, _TiledPool)):
+            return False
+        conv = step.conv
+        return conv.in_channels == 1 and conv.out_channels < 16 and conv.stride == (1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.float64) or x.requires_grad:
+            return self.pool(self.conv(x))
+        conv = self.conv.conv
+        return WideConv2d.apply(x, conv.weight, conv.bias, conv.padding, self.pool.kernel, self.pool.relu)
 
 
 def _plan(layers: list[nn.Module]) -> list[Forward]:
@@ -164,4 +181,10 @@ def _plan(layers: list[nn.Module]) -> list[Forward]:
         else:
             steps.append(layer)
             i += 1
-    return steps
+    fused: list[Forward] = []
+    for step in steps:
+        if fused and _ConvPool.fits(fused[-1], step):
+            fused[-1] = _ConvPool(fused[-1], step)
+        else:
+            fused.append(step)
+    return fused

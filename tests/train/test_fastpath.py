@@ -70,7 +70,7 @@ def test_inference_on_a_few_images_takes_the_im2col_convolution_and_matches_to_r
     assert "aten::mkldnn_convolution" in kernels[SMALL_BATCH + 1] and "aten::thnn_conv2d" not in kernels[SMALL_BATCH + 1]
 
 
-def test_lenet5_trains_its_first_convolution_through_the_compiled_loops_and_the_second_through_onednn():
+def test_lenet5_trains_its_first_convolution_and_pool_in_one_compiled_step_and_the_second_through_onednn():
     from torch.profiler import profile
 
     model = create_model("lenet5", (1, 28, 28), 10)
@@ -78,6 +78,7 @@ def test_lenet5_trains_its_first_convolution_through_the_compiled_loops_and_the_
         F.cross_entropy(fast_forward(model)(torch.randn(32, 1, 28, 28)), torch.arange(32) % 10).backward()
     names = [event.name for event in prof.events()]
     assert names.count("WideConv2d") == 1 and names.count("aten::mkldnn_convolution") == 1
+    assert names.count("_TiledMaxPool") == 1  # the second pool; the first runs inside WideConv2d
     assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in model.parameters())
 
 
