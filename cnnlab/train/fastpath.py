@@ -125,9 +125,8 @@ class _Conv:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if x.dtype not in (torch.float32, torch.float64):  # im2col takes these two
-            return conv(x)
-        if len(x) > SMALL_BATCH or torch.is_grad_enabled():
+        # im2col takes float32 and float64, and is the faster one only for a few images without a graph
+        if x.dtype not in (torch.float32, torch.float64) or len(x) > SMALL_BATCH or torch.is_grad_enabled():
             return conv(x)
         return torch.ops.aten.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
 
@@ -151,6 +150,7 @@ class _ConvPool:
 
     @staticmethod
     def fits(step: Forward, following: Forward | None) -> bool:
+        """Whether `step` is such a convolution and `following` a tiling pool (with or without its ReLU)."""
         if not (isinstance(step, _Conv) and isinstance(following, _TiledPool)):
             return False
         conv = step.conv
