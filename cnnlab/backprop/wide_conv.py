@@ -10,28 +10,39 @@ These loops read and write NCHW directly. The trick that makes them fast is
 to compute each output row at the input's pitch: output position k = i * W + j
 (row i, column j of an H x W input) reads input positions k + p * W + q for
 each tap (p, q), so one flat loop over k covers a whole output plane with
-contiguous loads, which LLVM vectorizes; the W - OW columns at the end of each
-row are junk and are dropped (forward) or held at zero (weight gradient).
+contiguous loads, which LLVM vectorizes; the columns past the last output of
+each row are junk and are dropped (forward) or held at zero (weight gradient).
 
-What bounds such a loop is loads, not arithmetic, so each load feeds several
-sums held in registers: the forward pass computes BLOCK output channels at a
-time (one input load, BLOCK multiply-adds), the weight gradient BLOCK output
-channels x COLUMNS kernel columns (BLOCK + COLUMNS loads, BLOCK x COLUMNS
-multiply-adds). Output channels are padded with zero weights to a multiple of
-BLOCK, and kernel columns to a multiple of COLUMNS; their sums are dropped.
+The max-pool that follows (and the ReLU beside it) runs while the block's
+output is in the L1 cache, so the convolution's output is never written to
+memory, nor its gradient built there. For the pool's loops to be flat too,
+each image is cut into phases before the convolution: with a pool_h x
+pool_w pool, padded pixel (i, j) goes to phase (i % pool_h, j % pool_w) at
+(i // pool_h, j // pool_w). The convolution then computes each output phase
+(a, r), outputs (n * pool_h + a, m * pool_w + r), as a flat loop over
+k = n * pitch + m: its tap (p, q) reads one input phase at k plus a fixed
+shift. The pool window at (n, m) holds output phase (a, r) at k in position
+a * pool_w + r of row-major order, so the pool is an elementwise maximum of
+the phase planes, in that order, with the ties and NaNs of
+`cnnlab.backprop.tiled_maxpool`; the backward pass gives each phase plane the
+pooled gradient where its window's maximum is in that phase, and zero
+elsewhere. Without phases, the pool's loops ran over a plane's few windows
+per row and stayed scalar, as long as the convolution itself. A pool of
+1 x 1 leaves one phase: the plain pitch layout.
 
-The max-pool that follows the convolution (and the ReLU beside it) runs on
-each block's output planes while they are in the L1 cache, with the windows,
-ties and NaNs of `cnnlab.backprop.tiled_maxpool`: the convolution's output is
-never written to memory, and its gradient is never built there either. The
-backward pass spreads each pooled gradient to its window's maximum straight
-into the planes the weight gradient reads. A pool of 1 x 1 without the ReLU
-leaves the convolution alone.
+What bounds the convolution's loops is loads, not arithmetic, so each load
+feeds several sums held in registers: the forward pass computes BLOCK output
+channels at a time (one input load, BLOCK multiply-adds), the weight gradient
+BLOCK output channels x COLUMNS kernel columns (BLOCK + COLUMNS loads, BLOCK
+x COLUMNS multiply-adds). Output channels are padded with zero weights to a
+multiple of BLOCK, and kernel columns to a multiple of COLUMNS; their sums are
+dropped.
 
-Each image is copied into a buffer with zero margins (the padding) and
-COLUMNS - 1 zeros after its end, which a block of columns past the kernel's
-last may read; the loops read the buffer, which stays in the L1 cache, and
-nothing padded is kept between the forward and backward passes.
+The phases of one image sit in a buffer with zero margins (the padding) and
+room after its end for the reads past the last output position that whole
+vectors and a block of kernel columns make; the buffer stays in the L1 cache,
+and nothing is kept between the forward and backward passes but the input and
+a byte per pooled output saying where its window's maximum was.
 
 The sums run in another order than oneDNN's, so values and gradients equal
 PyTorch's up to float rounding (relative ~1e-6), not bit for bit. The input's
@@ -53,6 +64,7 @@ from cnnlab.compiled import compiled
 
 BLOCK = 3  # output channels per pass
 COLUMNS = 5  # kernel columns per pass of the weight gradient (LeNet-5's kernels are 5 wide)
+LANES = 16  # the flat loops' trip counts are multiples of this: whole vectors of 8 floats, unrolled twice
 
 
 class WideConv2d(torch.autograd.Function):
@@ -90,17 +102,34 @@ class WideConv2d(torch.autograd.Function):
 
 
 @compiled
-def _pad(x, image, padded, channels, rows, columns, ph, pw):  # pragma: no cover - compiled; tested through WideConv2d
-    """Image `image` of x (N, C, rows, columns), flat, into `padded` (C, rows + 2 ph, columns + 2 pw), flat,
-    inside its margins, which are left as they are (0)."""
-    height, width = rows + 2 * ph, columns + 2 * pw
-    first = np.uint64(image * channels * rows * columns)
+def _split(x, image, phases, channels, rows, columns, ph, pw, layout):  # pragma: no cover - compiled
+    """Image `image` of x (N, C, rows, columns), flat, zero-padded by (ph, pw) and cut into its pool_h x pool_w
+    phases, into `phases` (pool_h * pool_w, C, prows, pitch), flat: padded pixel (i, j) goes to phase
+    (i % pool_h) * pool_w + j % pool_w, at (i // pool_h, j // pool_w). Margins are left as they are (0).
+    layout: as for _read."""
+    pool_h, pool_w, plane, prows, pitch = layout
+    first = image * channels * rows * columns
     for c in range(channels):
         for i in range(rows):
-            source = first + np.uint64((c * rows + i) * columns)
-            target = np.uint64((c * height + i + ph) * width + pw)
-            for j in range(columns):
-                padded[target + np.uint64(j)] = x[source + np.uint64(j)]
+            row, source = i + ph, first + (c * rows + i) * columns
+            for s in range(pool_w):  # padded columns s, s + pool_w, ...
+                target = ((row % pool_h) * pool_w + s) * plane + (c * prows + row // pool_h) * pitch
+                m = (pw - s + pool_w - 1) // pool_w  # the first of them inside the image
+                j = s + m * pool_w - pw
+                while j < columns:
+                    phases[np.uint64(target + m)] = x[np.uint64(source + j)]
+                    m += 1
+                    j += pool_w
+
+
+@compiled
+def _read(a, r, c, p, q, layout):  # pragma: no cover - compiled; tested through WideConv2d
+    """Where output phase (a, r)'s tap (c, p, q) reads the input's phases, relative to the output position.
+
+    layout: (pool_h, pool_w, the size of one input phase, its rows, its columns)."""
+    pool_h, pool_w, plane, prows, pitch = layout
+    row, column = a + p, r + q
+    return (row % pool_h * pool_w + column % pool_w) * plane + (c * prows + row // pool_h) * pitch + column // pool_w
 
 
 @functools.cache
@@ -116,15 +145,22 @@ def _kernels(
     """
     height, width = rows + 2 * ph, columns + 2 * pw  # of the padded input
     oh, ow = height - kh + 1, width - kw + 1
-    # Output positions at the input's pitch, up to the last real one: the last tap of the
-    # last position reads the image's last pixel, never past it.
-    span = (oh - 1) * width + ow
-    plane, taps = height * width, in_channels * kh * kw
     poh, pow_ = oh // pool_h, ow // pool_w  # the pooled output
-    covered = pow_ * pool_w  # the columns of a plane the windows cover
-    s1, s2 = np.uint64(span), np.uint64(2 * span)  # where a block's second and third planes start
-    # reassoc (and nsz, which lets a sum start from +0): the sums run as vector partial sums
-    fast = {"reassoc", "nsz", "contract"}
+    count = pool_h * pool_w  # phases, and positions in a window
+    prows, pitch = -(-height // pool_h), -(-width // pool_w)  # a phase plane's rows and columns
+    plane = in_channels * prows * pitch  # one phase of the padded input
+    layout = (pool_h, pool_w, plane, prows, pitch)
+    # A pooled plane's positions at the phases' pitch, up to the last real one. Output phase
+    # (a, r) at k = n * pitch + m is convolution output (n * pool_h + a, m * pool_w + r): its
+    # tap (p, q) reads input phase ((a + p) % pool_h, (r + q) % pool_w) at k, shifted by
+    # (a + p) // pool_h rows and (r + q) // pool_w columns; the last reads stay in the plane.
+    # Rounded up to whole vectors, so that no position runs in a scalar remainder loop (which took
+    # a fifth of the time at LeNet-5's 222 positions); the positions past the last are junk too.
+    span = -(-((poh - 1) * pitch + pow_) // LANES) * LANES
+    taps = in_channels * kh * kw
+    # Past the last phase plane, the rounded span and a block of COLUMNS kernel columns read this far.
+    margin = pitch + COLUMNS + LANES
+    fast = {"reassoc", "nsz", "contract"}  # the sums run as vector partial sums
 
     @compiled(fastmath=fast)
     def forward(x, weight, bias, y, switch):  # pragma: no cover - compiled; tested through WideConv2d
@@ -132,54 +168,51 @@ def _kernels(
         # y, switch: (N, O, POH, POW)
         n = x.shape[0]
         x, weight, y, switch = x.reshape(-1), weight.reshape(-1), y.reshape(-1), switch.reshape(-1)
-        padded = np.zeros(in_channels * plane + COLUMNS - 1, x.dtype)
-        wide = np.empty(BLOCK * span, y.dtype)  # a block's output planes at the input's pitch
-        column_max = np.empty(covered, y.dtype)  # one band of pool_h rows, reduced to column maxima
-        column_row = np.empty(covered, np.uint8)  # the row (times pool_w) of each column's maximum
+        phases = np.zeros(count * plane + margin, x.dtype)
+        wide = np.empty(BLOCK * count * span, y.dtype)  # a block's output phases: (BLOCK, count, span)
+        pooled = np.empty(span, y.dtype)  # one channel's pooled plane at the phases' pitch
+        chosen = np.empty(span, np.uint8)  # its switches
         zero = y.dtype.type(0)
         for image in range(n):
-            _pad(x, image, padded, in_channels, rows, columns, ph, pw)
+            _split(x, image, phases, in_channels, rows, columns, ph, pw, layout)
             for block in range(0, out_channels, BLOCK):
-                for k in range(span):
-                    total0, total1, total2 = bias[block], bias[block + 1], bias[block + 2]
-                    for c in range(in_channels):
-                        for p in range(kh):
-                            for q in range(kw):
-                                tap = (c * kh + p) * kw + q
-                                value = padded[np.uint64(c * plane + p * width + q + k)]
-                                total0 += weight[np.uint64(block * taps + tap)] * value
-                                total1 += weight[np.uint64((block + 1) * taps + tap)] * value
-                                total2 += weight[np.uint64((block + 2) * taps + tap)] * value
-                    at = np.uint64(k)
-                    wide[at], wide[s1 + at], wide[s2 + at] = total0, total1, total2
-                # The pool, as tiled_maxpool's two passes: a position replaces the best so far
-                # when it is larger or NaN, so the first of equal maxima wins and the last NaN.
+                for a in range(pool_h):
+                    for r in range(pool_w):
+                        phase = a * pool_w + r
+                        for k in range(span):
+                            total0, total1, total2 = bias[block], bias[block + 1], bias[block + 2]
+                            for c in range(in_channels):
+                                for p in range(kh):
+                                    for q in range(kw):
+                                        tap = (c * kh + p) * kw + q
+                                        value = phases[np.uint64(_read(a, r, c, p, q, layout) + k)]
+                                        total0 += weight[np.uint64(block * taps + tap)] * value
+                                        total1 += weight[np.uint64((block + 1) * taps + tap)] * value
+                                        total2 += weight[np.uint64((block + 2) * taps + tap)] * value
+                            wide[np.uint64(phase * span + k)] = total0
+                            wide[np.uint64((count + phase) * span + k)] = total1
+                            wide[np.uint64((2 * count + phase) * span + k)] = total2
+                # The pool: the phases in order are a window's positions in row-major order. As in
+                # tiled_maxpool, a position replaces the best so far when it is larger or NaN, so
+                # the first of equal maxima wins and the last NaN.
                 for b in range(min(BLOCK, out_channels - block)):
+                    first = np.uint64(b * count * span)
+                    for k in range(span):
+                        best, where = wide[first + np.uint64(k)], np.uint8(0)
+                        for phase in range(1, count):
+                            v = wide[first + np.uint64(phase * span + k)]
+                            take = (v > best) | (v != v)
+                            best = v if take else best
+                            where = np.uint8(phase) if take else where
+                        cut = relu & ~((best > 0) | (best != best))  # the ReLU: no gradient through <= 0
+                        pooled[np.uint64(k)] = zero if cut else best
+                        chosen[np.uint64(k)] = np.uint8(NO_SWITCH) if cut else where
                     out = np.uint64((image * out_channels + block + b) * poh * pow_)
-                    for band in range(poh):
-                        first = np.uint64(b * span + band * pool_h * width)
-                        for j in range(covered):
-                            best, where = wide[first + np.uint64(j)], np.uint8(0)
-                            for a in range(1, pool_h):
-                                v = wide[first + np.uint64(a * width + j)]
-                                take = (v > best) | (v != v)
-                                best = v if take else best
-                                where = np.uint8(a * pool_w) if take else where
-                            column_max[np.uint64(j)] = best
-                            column_row[np.uint64(j)] = where
-                        for window in range(pow_):
-                            at = np.uint64(window * pool_w)
-                            best, where = column_max[at], column_row[at]
-                            for c in range(1, pool_w):
-                                v, place = column_max[at + np.uint64(c)], column_row[at + np.uint64(c)] + np.uint8(c)
-                                later_nan = (v != v) & ((best == best) | (place > where))
-                                take = later_nan | (v > best) | ((v == best) & (place < where))
-                                best = v if take else best
-                                where = place if take else where
-                            cut = relu & ~((best > 0) | (best != best))  # the ReLU: no gradient through <= 0
-                            o = out + np.uint64(band * pow_ + window)
-                            y[o] = zero if cut else best
-                            switch[o] = np.uint8(NO_SWITCH) if cut else where
+                    for row in range(poh):
+                        for m in range(pow_):
+                            at = np.uint64(row * pitch + m)
+                            y[out + np.uint64(row * pow_ + m)] = pooled[at]
+                            switch[out + np.uint64(row * pow_ + m)] = chosen[at]
 
     @compiled(fastmath=fast)
     def weight_grad(x, dy, switch, dweight, dbias):  # pragma: no cover - compiled; tested through WideConv2d
@@ -187,65 +220,76 @@ def _kernels(
         # dbias: (O rounded up,)
         n = x.shape[0]
         x, dy, switch, dweight = x.reshape(-1), dy.reshape(-1), switch.reshape(-1), dweight.reshape(-1)
-        padded = np.zeros(in_channels * plane + COLUMNS - 1, x.dtype)
+        phases = np.zeros(count * plane + margin, x.dtype)
         dweight[:] = 0
         dbias[:] = 0
-        # A block's convolution-output gradient planes at the input's pitch: each pooled gradient
-        # at its window's maximum, 0 elsewhere (junk columns included). The planes of channels
-        # past O are never written and stay 0, so they add nothing to the sums.
-        wide = np.zeros(BLOCK * span, dy.dtype)
+        # One channel's pooled gradient and switches at the phases' pitch; the columns past the
+        # last window keep NO_SWITCH, so they send nothing back.
+        spread = np.zeros(span, dy.dtype)
+        chosen = np.full(span, NO_SWITCH, np.uint8)
+        # A block's convolution-output gradient, by phase: (BLOCK, count, span). Each pooled
+        # gradient goes to the phase its window's maximum is in, 0 to the others. The planes of
+        # channels past O are never written and stay 0, so they add nothing to the sums.
+        wide = np.zeros(BLOCK * count * span, dy.dtype)
         zero = dy.dtype.type(0)
         for image in range(n):
-            _pad(x, image, padded, in_channels, rows, columns, ph, pw)
+            _split(x, image, phases, in_channels, rows, columns, ph, pw, layout)
             for block in range(0, out_channels, BLOCK):
                 for b in range(min(BLOCK, out_channels - block)):
-                    start = np.uint64(b * span)
-                    for k in range(span):
-                        wide[start + np.uint64(k)] = zero
                     source = np.uint64((image * out_channels + block + b) * poh * pow_)
                     total = zero
-                    for band in range(poh):
-                        for window in range(pow_):
-                            o = source + np.uint64(band * pow_ + window)
-                            s = switch[o]
-                            if s != np.uint8(NO_SWITCH):
-                                i, j = band * pool_h + s // np.uint8(pool_w), window * pool_w + s % np.uint8(pool_w)
-                                wide[start + np.uint64(i * width + j)] = dy[o]
-                                total += dy[o]
+                    for row in range(poh):
+                        for m in range(pow_):
+                            o = source + np.uint64(row * pow_ + m)
+                            at = np.uint64(row * pitch + m)
+                            spread[at], chosen[at] = dy[o], switch[o]
+                            total += dy[o] if switch[o] != np.uint8(NO_SWITCH) else zero
                     dbias[block + b] += total
-                for c in range(in_channels):
-                    for p in range(kh):
-                        for q in range(0, kw, COLUMNS):
-                            read = np.uint64(c * plane + p * width + q)
-                            # sum_bj: output channel block + b, kernel column q + j
-                            sum00 = sum01 = sum02 = sum03 = sum04 = dy.dtype.type(0)
-                            sum10 = sum11 = sum12 = sum13 = sum14 = dy.dtype.type(0)
-                            sum20 = sum21 = sum22 = sum23 = sum24 = dy.dtype.type(0)
-                            for k in range(span):
-                                g0, g1, g2 = wide[np.uint64(k)], wide[s1 + np.uint64(k)], wide[s2 + np.uint64(k)]
-                                at = read + np.uint64(k)
-                                v0, v1, v2 = padded[at], padded[at + np.uint64(1)], padded[at + np.uint64(2)]
-                                v3, v4 = padded[at + np.uint64(3)], padded[at + np.uint64(4)]
-                                sum00 += g0 * v0
-                                sum01 += g0 * v1
-                                sum02 += g0 * v2
-                                sum03 += g0 * v3
-                                sum04 += g0 * v4
-                                sum10 += g1 * v0
-                                sum11 += g1 * v1
-                                sum12 += g1 * v2
-                                sum13 += g1 * v3
-                                sum14 += g1 * v4
-                                sum20 += g2 * v0
-                                sum21 += g2 * v1
-                                sum22 += g2 * v2
-                                sum23 += g2 * v3
-                                sum24 += g2 * v4
-                            sums = (sum00, sum01, sum02, sum03, sum04, sum10, sum11, sum12, sum13, sum14,
-                                    sum20, sum21, sum22, sum23, sum24)  # fmt: skip
-                            for b in range(BLOCK):
-                                for j in range(min(COLUMNS, kw - q)):
-                                    tap = (c * kh + p) * kw + q + j
-                                    dweight[np.uint64((block + b) * taps + tap)] += sums[b * COLUMNS + j]
+                    for phase in range(count):
+                        start = np.uint64((b * count + phase) * span)
+                        for k in range(span):
+                            hit = chosen[np.uint64(k)] == np.uint8(phase)
+                            wide[start + np.uint64(k)] = spread[np.uint64(k)] if hit else zero
+                for a in range(pool_h):
+                    for r in range(pool_w):
+                        s0 = np.uint64((a * pool_w + r) * span)  # the block's three gradient planes
+                        s1, s2 = s0 + np.uint64(count * span), s0 + np.uint64(2 * count * span)
+                        for c in range(in_channels):
+                            for p in range(kh):
+                                for q in range(0, kw, COLUMNS):
+                                    r0, r1 = _read(a, r, c, p, q, layout), _read(a, r, c, p, q + 1, layout)
+                                    r2, r3 = _read(a, r, c, p, q + 2, layout), _read(a, r, c, p, q + 3, layout)
+                                    r4 = _read(a, r, c, p, q + 4, layout)
+                                    # sum_bj: output channel block + b, kernel column q + j
+                                    sum00 = sum01 = sum02 = sum03 = sum04 = dy.dtype.type(0)
+                                    sum10 = sum11 = sum12 = sum13 = sum14 = dy.dtype.type(0)
+                                    sum20 = sum21 = sum22 = sum23 = sum24 = dy.dtype.type(0)
+                                    for k in range(span):
+                                        at = np.uint64(k)
+                                        g0, g1, g2 = wide[s0 + at], wide[s1 + at], wide[s2 + at]
+                                        v0, v1 = phases[np.uint64(r0) + at], phases[np.uint64(r1) + at]
+                                        v2, v3 = phases[np.uint64(r2) + at], phases[np.uint64(r3) + at]
+                                        v4 = phases[np.uint64(r4) + at]
+                                        sum00 += g0 * v0
+                                        sum01 += g0 * v1
+                                        sum02 += g0 * v2
+                                        sum03 += g0 * v3
+                                        sum04 += g0 * v4
+                                        sum10 += g1 * v0
+                                        sum11 += g1 * v1
+                                        sum12 += g1 * v2
+                                        sum13 += g1 * v3
+                                        sum14 += g1 * v4
+                                        sum20 += g2 * v0
+                                        sum21 += g2 * v1
+                                        sum22 += g2 * v2
+                                        sum23 += g2 * v3
+                                        sum24 += g2 * v4
+                                    sums = (sum00, sum01, sum02, sum03, sum04, sum10, sum11, sum12, sum13, sum14,
+                                            sum20, sum21, sum22, sum23, sum24)  # fmt: skip
+                                    for b in range(BLOCK):
+                                        for j in range(min(COLUMNS, kw - q)):
+                                            tap = (c * kh + p) * kw + q + j
+                                            dweight[np.uint64((block + b) * taps + tap)] += sums[b * COLUMNS + j]
 
     return forward, weight_grad
