@@ -31,12 +31,16 @@ per row and stayed scalar, as long as the convolution itself. A pool of
 1 x 1 leaves one phase: the plain pitch layout.
 
 What bounds the convolution's loops is loads, not arithmetic, so each load
-feeds several sums held in registers: the forward pass computes BLOCK output
-channels at a time (one input load, BLOCK multiply-adds), the weight gradient
-BLOCK output channels x COLUMNS kernel columns (BLOCK + COLUMNS loads, BLOCK
-x COLUMNS multiply-adds). Output channels are padded with zero weights to a
-multiple of BLOCK, and kernel columns to a multiple of COLUMNS; their sums are
-dropped.
+feeds several sums held in registers. The forward pass computes all pool_h x
+pool_w output phases of one channel per position: each weight load feeds
+pool_h * pool_w multiply-adds, and the phase loops, inside the loop over
+positions, unroll to constant offsets. (Looping over the phases outside it,
+with BLOCK output channels per input load instead, left runtime offsets
+that LLVM turned into gathers for unpadded images, four times slower.) The
+weight gradient computes BLOCK output channels x COLUMNS kernel columns per
+position (BLOCK + COLUMNS loads, BLOCK x COLUMNS multiply-adds). Output
+channels are padded with zero weights to a multiple of BLOCK, and kernel
+columns to a multiple of COLUMNS; their sums are dropped.
 
 The phases of one image sit in a buffer with zero margins (the padding) and
 room after its end for the reads past the last output position that whole
@@ -62,7 +66,7 @@ import torch
 from cnnlab.backprop.tiled_maxpool import NO_SWITCH
 from cnnlab.compiled import compiled
 
-BLOCK = 3  # output channels per pass
+BLOCK = 3  # output channels per pass of the weight gradient
 COLUMNS = 5  # kernel columns per pass of the weight gradient (LeNet-5's kernels are 5 wide)
 LANES = 16  # the flat loops' trip counts are multiples of this: whole vectors of 8 floats, unrolled twice
 
@@ -169,50 +173,43 @@ def _kernels(
         n = x.shape[0]
         x, weight, y, switch = x.reshape(-1), weight.reshape(-1), y.reshape(-1), switch.reshape(-1)
         phases = np.zeros(count * plane + margin, x.dtype)
-        wide = np.empty(BLOCK * count * span, y.dtype)  # a block's output phases: (BLOCK, count, span)
-        pooled = np.empty(span, y.dtype)  # one channel's pooled plane at the phases' pitch
-        chosen = np.empty(span, np.uint8)  # its switches
+        wide = np.empty(count * span, y.dtype)  # one channel's output phases: (count, span)
+        pooled = np.empty(span, y.dtype)  # its pooled plane at the phases' pitch
+        chosen = np.empty(span, np.uint8)  # and switches
         zero = y.dtype.type(0)
         for image in range(n):
             _split(x, image, phases, in_channels, rows, columns, ph, pw, layout)
-            for block in range(0, out_channels, BLOCK):
-                for a in range(pool_h):
-                    for r in range(pool_w):
-                        phase = a * pool_w + r
-                        for k in range(span):
-                            total0, total1, total2 = bias[block], bias[block + 1], bias[block + 2]
+            for o in range(out_channels):
+                for k in range(span):
+                    for a in range(pool_h):
+                        for r in range(pool_w):
+                            total = bias[o]
                             for c in range(in_channels):
                                 for p in range(kh):
                                     for q in range(kw):
                                         tap = (c * kh + p) * kw + q
                                         value = phases[np.uint64(_read(a, r, c, p, q, layout) + k)]
-                                        total0 += weight[np.uint64(block * taps + tap)] * value
-                                        total1 += weight[np.uint64((block + 1) * taps + tap)] * value
-                                        total2 += weight[np.uint64((block + 2) * taps + tap)] * value
-                            wide[np.uint64(phase * span + k)] = total0
-                            wide[np.uint64((count + phase) * span + k)] = total1
-                            wide[np.uint64((2 * count + phase) * span + k)] = total2
+                                        total += weight[np.uint64(o * taps + tap)] * value
+                            wide[np.uint64((a * pool_w + r) * span + k)] = total
                 # The pool: the phases in order are a window's positions in row-major order. As in
                 # tiled_maxpool, a position replaces the best so far when it is larger or NaN, so
                 # the first of equal maxima wins and the last NaN.
-                for b in range(min(BLOCK, out_channels - block)):
-                    first = np.uint64(b * count * span)
-                    for k in range(span):
-                        best, where = wide[first + np.uint64(k)], np.uint8(0)
-                        for phase in range(1, count):
-                            v = wide[first + np.uint64(phase * span + k)]
-                            take = (v > best) | (v != v)
-                            best = v if take else best
-                            where = np.uint8(phase) if take else where
-                        cut = relu & ~((best > 0) | (best != best))  # the ReLU: no gradient through <= 0
-                        pooled[np.uint64(k)] = zero if cut else best
-                        chosen[np.uint64(k)] = np.uint8(NO_SWITCH) if cut else where
-                    out = np.uint64((image * out_channels + block + b) * poh * pow_)
-                    for row in range(poh):
-                        for m in range(pow_):
-                            at = np.uint64(row * pitch + m)
-                            y[out + np.uint64(row * pow_ + m)] = pooled[at]
-                            switch[out + np.uint64(row * pow_ + m)] = chosen[at]
+                for k in range(span):
+                    best, where = wide[np.uint64(k)], np.uint8(0)
+                    for phase in range(1, count):
+                        v = wide[np.uint64(phase * span + k)]
+                        take = (v > best) | (v != v)
+                        best = v if take else best
+                        where = np.uint8(phase) if take else where
+                    cut = relu & ~((best > 0) | (best != best))  # the ReLU: no gradient through <= 0
+                    pooled[np.uint64(k)] = zero if cut else best
+                    chosen[np.uint64(k)] = np.uint8(NO_SWITCH) if cut else where
+                out = np.uint64((image * out_channels + o) * poh * pow_)
+                for row in range(poh):
+                    for m in range(pow_):
+                        at = np.uint64(row * pitch + m)
+                        y[out + np.uint64(row * pow_ + m)] = pooled[at]
+                        switch[out + np.uint64(row * pow_ + m)] = chosen[at]
 
     @compiled(fastmath=fast)
     def weight_grad(x, dy, switch, dweight, dbias):  # pragma: no cover - compiled; tested through WideConv2d
