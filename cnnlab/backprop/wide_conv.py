@@ -79,12 +79,9 @@ class WideConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, padding, pool, relu):  # x: (N, C, H, W) -> (N, O, OH // PH, OW // PW)
         x = x.detach().contiguous()
         out_channels, in_channels, kh, kw = weight.shape
-        blocked = math.ceil(out_channels / BLOCK) * BLOCK
-        weights = weight.new_zeros(blocked, in_channels, kh, kw)  # (O rounded up to BLOCK, C, KH, KW)
-        weights[:out_channels] = weight.detach()
-        biases = weight.new_zeros(blocked)
-        if bias is not None:
-            biases[:out_channels] = bias.detach()
+        blocked = math.ceil(out_channels / BLOCK) * BLOCK  # the weight gradient's channels, padded
+        weights = weight.detach().contiguous()
+        biases = bias.detach().contiguous() if bias is not None else weight.new_zeros(out_channels)
         (ph, pw), (rows, columns) = padding, x.shape[2:]
         kernels = _kernels(out_channels, in_channels, kh, kw, rows, columns, ph, pw, *pool, relu)
         pooled = ((rows + 2 * ph - kh + 1) // pool[0], (columns + 2 * pw - kw + 1) // pool[1])
@@ -168,8 +165,7 @@ def _kernels(
 
     @compiled(fastmath=fast)
     def forward(x, weight, bias, y, switch):  # pragma: no cover - compiled; tested through WideConv2d
-        # x: (N, C, rows, columns); weight: (O rounded up to BLOCK, C, KH, KW); bias: (O rounded up,);
-        # y, switch: (N, O, POH, POW)
+        # x: (N, C, rows, columns); weight: (O, C, KH, KW); bias: (O,); y, switch: (N, O, POH, POW)
         n = x.shape[0]
         x, weight, y, switch = x.reshape(-1), weight.reshape(-1), y.reshape(-1), switch.reshape(-1)
         phases = np.zeros(count * plane + margin, x.dtype)
