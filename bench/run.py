@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         limits = ["--train-limit", str(QUICK["train_limit"]), "--test-limit", str(QUICK["test_limit"])]
 
     started = time.time()
-    load_before = _load_average()
+    load_before, cpu_before = _load_average(), cpu_times()
     matmul = matmul_gflops()
     flops = training_flops_per_image(create_model("lenet5", (1, 28, 28), 10), (1, 28, 28))
     repeats = max(1, args.repeats or (1 if args.quick else 3))
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         "inference": inference,
         "machine": _machine(),
         "load_average": {"before": load_before, "after": _load_average()},
+        "steal_share": steal_share(cpu_before, cpu_times()),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.time() - started, 1),
@@ -320,6 +321,31 @@ def _load_average() -> list[float] | None:
         return None
 
 
+def cpu_times(stat: str | None = None) -> tuple[int, int] | None:
+    """(steal, all) CPU time since boot, in ticks, from /proc/stat's "cpu" line (or `stat`'s); None
+    where there is none. Steal is the time a virtual machine's CPUs were ready to run but the
+    hypervisor ran something else: a shared host's slowdown, which the load average does not show."""
+    if stat is None:
+        try:
+            stat = Path("/proc/stat").read_text()
+        except OSError:
+            return None
+    for line in stat.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu" and len(fields) > 8:
+            ticks = [int(v) for v in fields[1:]]
+            # user nice system idle iowait irq softirq steal [guest guest_nice, already in user and nice]
+            return ticks[7], sum(ticks[:8])
+    return None
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of all CPU time between two `cpu_times` readings that the hypervisor took (steal)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 4)
+
+
 def _steady_epochs_sentence(results: dict) -> str:
     """Which epochs each round's images/s are the median of (the same for every contender of the round)."""
     ranges = {}
@@ -340,8 +366,10 @@ def markdown(results: dict) -> str:
     lines = [
         f"Measured {results['date']} on {machine['cpu']} ({machine['logical_cpus']} logical CPUs, "
         f"torch {machine['torch']} with {machine['torch_threads']} threads, Python {machine['python']}); "
-        f"load average {results['load_average']['before']} before, {results['load_average']['after']} after. "
-        f"Command: `{results['command']}`. Budget {results['budget_s']:.0f} s of training per contender."
+        f"load average {results['load_average']['before']} before, {results['load_average']['after']} after"
+        + (f"; the hypervisor took {100 * results['steal_share']:.1f}% of the CPU time (steal). "
+           if results.get("steal_share") is not None else ". ")
+        + f"Command: `{results['command']}`. Budget {results['budget_s']:.0f} s of training per contender."
         + " The contenders ran at once, taking turns epoch by epoch"
         + (f", in {results['repeats']} rounds from seeds 0-{results['repeats'] - 1} (the seed recipe in the first, "
            "seed 0); figures are medians over the rounds "

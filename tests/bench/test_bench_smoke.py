@@ -69,6 +69,8 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
     text = docs.read_text()
     assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text and "| c/b |" in text
     assert "the median over the epochs every contender of the round ran, the first left out (" in text
+    if Path("/proc/stat").exists():  # Linux: the hypervisor's share of the CPU time is read before and after
+        assert 0 <= results["steal_share"] < 1 and "of the CPU time (steal)" in text
 
 
 def test_images_per_s_are_taken_over_the_epochs_every_contender_of_the_round_ran(monkeypatch):
@@ -185,3 +187,16 @@ def test_the_fast_path_ablation_times_every_variant_in_its_own_process_in_turns(
     assert rows["fast path, sliced"]["batch_size"] == 128
     assert result["sliced_over_one_slice_alone"] > 0
     assert "cores sliced = x" in finished.stdout
+
+
+def test_steal_is_read_from_proc_stat_and_taken_as_a_share_of_all_cpu_time(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import run
+
+    before = "cpu  100 0 50 800 10 0 5 35 0 0\ncpu0 50 0 25 400 5 0 2 18 0 0\n"
+    after = "cpu  400 0 150 1200 10 0 5 235 7 0\n"  # 1,000 more ticks, 200 of them stolen
+    assert run.cpu_times(before) == (35, 1000)
+    assert run.cpu_times(after) == (235, 2000)
+    assert run.steal_share(run.cpu_times(before), run.cpu_times(after)) == 0.2
+    assert run.cpu_times("intr 1 2 3\n") is None and run.steal_share(None, (1, 2)) is None
+    assert run.steal_share((5, 100), (5, 100)) is None  # no time passed
