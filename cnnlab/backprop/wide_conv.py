@@ -13,7 +13,7 @@ each tap (p, q), so one flat loop over k covers a whole output plane with
 contiguous loads, which LLVM vectorizes; the columns past the last output of
 each row are junk and are dropped (forward) or held at zero (weight gradient).
 
-The max-pool that follows (and the ReLU beside it) runs while the block's
+The max-pool that follows (and the ReLU beside it) runs while each channel's
 output is in the L1 cache, so the convolution's output is never written to
 memory, nor its gradient built there. For the pool's loops to be flat too,
 each image is cut into phases before the convolution: with a pool_h x
