@@ -9,7 +9,7 @@ import torch
 
 from cnnlab.data.images import load_image
 from cnnlab.train.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
-from cnnlab.train.fastpath import fast_forward
+from cnnlab.fast.forward import fast_forward
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Predictor:
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.build_model()  # eval mode, CPU
-        self.forward = fast_forward(self.model)  # model(x), faster on a CPU (cnnlab/train/fastpath.py)
+        self.forward = fast_forward(self.model)  # model(x), faster on a CPU (cnnlab/fast/forward.py)
         self.in_shape = checkpoint.in_shape
         self.classes = checkpoint.classes
 

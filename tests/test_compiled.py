@@ -14,7 +14,7 @@ STEP = """
 import torch
 from cnnlab.config import TrainConfig, AugmentConfig
 from cnnlab.models import create_model
-from cnnlab.train.engine import make_engine
+from cnnlab.engine import make_engine
 from cnnlab.train.loop import make_augmenter
 from cnnlab.data.dataset import Normalization
 config = TrainConfig(batch_size=256, augment=AugmentConfig(crop_padding=2, flip=True))
@@ -39,5 +39,5 @@ def test_a_second_process_loads_every_compiled_loop_from_the_disk_cache(tmp_path
     assert "data saved" not in second  # nothing compiled again
     # The loops called from Python are loaded; a loop called only from other compiled loops (the
     # first convolution's _split and _read) is part of their machine code.
-    assert loaded == compiled - {"wide_conv._split", "wide_conv._read"}
-    assert {"wide_conv._kernels.locals.forward", "wide_conv._kernels.locals.weight_grad"} <= loaded
+    assert loaded == compiled - {"conv_pool._split", "conv_pool._read"}
+    assert {"conv_pool._kernels.locals.forward", "conv_pool._kernels.locals.weight_grad"} <= loaded

@@ -19,11 +19,14 @@ from torch import nn
 
 from cnnlab.backprop.activations import Dropout, ReLU, Sigmoid, Tanh
 from cnnlab.backprop.conv import Conv2d
+from cnnlab.backprop.fused import ConvPool, TiledMaxPool
 from cnnlab.backprop.layer import Layer
 from cnnlab.backprop.linear import Flatten, Linear
 from cnnlab.backprop.norm import BatchNorm1d, BatchNorm2d
 from cnnlab.backprop.pool import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
 from cnnlab.errors import CnnlabError
+from cnnlab.fast.plan import ConvPool as ConvPoolStep
+from cnnlab.fast.plan import SmallBatchConv, Step, TiledPool, plan
 from cnnlab.models.resnet import Residual as ResidualModule
 
 
@@ -35,11 +38,18 @@ class Sequential(Layer):
         self.layers = layers
 
     @classmethod
-    def from_torch(cls, module: nn.Sequential, path: str = "") -> Sequential:
-        """The hand-written twin of `module`, sharing its parameters and buffers."""
+    def from_torch(cls, module: nn.Sequential, path: str = "", fast: bool = False) -> Sequential:
+        """The hand-written twin of `module`, sharing its parameters and buffers.
+
+        fast: where `cnnlab.fast.plan` has a compiled kernel for some of its layers (tiling
+        max-pools and their ReLUs, a one-channel first convolution with its pool), build the
+        fused layer that runs it (fused.py) instead of one layer per module. CPU only.
+        """
         if not isinstance(module, nn.Sequential):
             raise CnnlabError(f"cnnlab's backprop builds networks from nn.Sequential, got {type(module).__name__}")
-        return cls([layer_from_torch(child, _join(path, name)) for name, child in module.named_children()], path)
+        names = {id(child): _join(path, name) for name, child in module.named_children()}
+        steps = (plan(module) if fast else None) or list(module.children())
+        return cls([_layer_from_step(step, names) for step in steps], path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -138,6 +148,16 @@ def layer_from_torch(module: nn.Module, path: str = "") -> Layer:
             f"use --engine autograd, or build the model from {known}"
         )
     return build(module, path)
+
+
+def _layer_from_step(step: Step, names: dict[int, str]) -> Layer:
+    """The layer for one step of a fast plan (or one module), named after the module it starts with."""
+    if isinstance(step, TiledPool):
+        return TiledMaxPool.from_step(step, names[id(step.modules[0])])
+    if isinstance(step, ConvPoolStep):
+        return ConvPool.from_step(step, names[id(step.conv)])
+    module = step.conv if isinstance(step, SmallBatchConv) else step
+    return layer_from_torch(module, names[id(module)])
 
 
 def _join(prefix: str, name: str) -> str:

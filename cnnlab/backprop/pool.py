@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.backprop.layer import Layer, pair
-from cnnlab.backprop.tiled_maxpool import NO_SWITCH, tiled_max_pool, tiled_max_pool_backward
 from cnnlab.errors import CnnlabError
 
 
@@ -46,40 +45,25 @@ class MaxPool2d(Layer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) -> y: (N, C, OH, OW)."""
         self._check_input(x, x.dim() == 4, "(N, C, H, W)")
-        if self.tiles() and x.dtype in (torch.float32, torch.float64) and x.device.type == "cpu":
-            # LeNet-5's and the CIFAR nets' pools (2x2, stride 2): windows that tile the image,
-            # run by compiled loops that keep a one-byte switch per window (tiled_maxpool.py).
-            y, switch = tiled_max_pool(x, self.kernel_size, relu=False)
-            self._save(y.shape, "tiles", x.shape, switch)
-            return y
-        # The general case (overlapping windows, padding, dilation): the library kernel finds
-        # the maxima and, in the same pass, where they are: `argmax` holds for each output the
-        # flat index (row * W + column) of its maximum in the (H, W) plane of x.
+        # The library kernel finds the maxima and, in the same pass, where they are: `argmax`
+        # holds for each output the flat index (row * W + column) of its maximum in the (H, W)
+        # plane of x. (With fast=True, pools whose windows tile the image run compiled loops
+        # instead: cnnlab.backprop.fused.)
         y, argmax = F.max_pool2d(
             x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=True
         )
-        self._save(y.shape, "indices", x.shape, argmax)
+        self._save(y.shape, x.shape, argmax)
         return y
 
     def backward(self, dout: torch.Tensor) -> torch.Tensor:
         """dout: (N, C, OH, OW) -> dx: (N, C, H, W), zero except at each window's maximum."""
-        kind, x_shape, where = self._take(dout)
-        if kind == "tiles":
-            return tiled_max_pool_backward(dout, where, self.kernel_size, x_shape)
+        x_shape, where = self._take(dout)
         n, c, h, w = x_shape
         dx = dout.new_zeros(n, c, h * w)
         # Adding (not assigning) is what the chain rule says where windows overlap and one
         # input is the maximum of several of them.
         dx.scatter_add_(2, where.flatten(2), dout.flatten(2))
         return dx.view(n, c, h, w)
-
-    def tiles(self) -> bool:
-        """Whether the windows are disjoint tiles: stride = kernel, no padding or dilation, floor mode.
-
-        (And fewer than NO_SWITCH positions per window, so that a byte can say which one won.)
-        """
-        return (self.stride == self.kernel_size and self.padding == (0, 0) and self.dilation == (1, 1)
-                and not self.ceil_mode and self.kernel_size[0] * self.kernel_size[1] < NO_SWITCH)  # fmt: skip
 
 
 class AvgPool2d(Layer):

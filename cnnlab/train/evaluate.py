@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.data.dataset import ImageDataset, Normalization
-from cnnlab.train.fastpath import fast_forward
+from cnnlab.fast.forward import fast_forward
 from cnnlab.train.metrics import ClassReport, confusion_matrix, per_class_report
-from cnnlab.train.slices import map_slices, slice_count, sliced
+from cnnlab.fast.slices import map_slices, slice_count, sliced
 
 # No gradients are kept, so a large batch costs little memory and saves per-batch
 # overhead, up to a point: on a CPU LeNet-5's forward is fastest at 256-512 images

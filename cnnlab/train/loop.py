@@ -23,7 +23,8 @@ from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
 from cnnlab.train.averaging import WeightAverage
 from cnnlab.train.checkpoint import Checkpoint
-from cnnlab.train.engine import Engine, make_engine
+from cnnlab.engine import make_engine
+from cnnlab.engine.step import Engine
 from cnnlab.train.evaluate import Report, evaluate, report
 from cnnlab.train.plots import plot_confusion, plot_curves
 from cnnlab.train.progress import Progress

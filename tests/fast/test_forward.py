@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab.models import all_models, create_model
-from cnnlab.train.fastpath import SMALL_BATCH, fast_forward
+from cnnlab.fast.forward import fast_forward
+from cnnlab.fast.plan import SMALL_BATCH
 
 
 def images_with_ties(n: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -77,8 +78,8 @@ def test_lenet5_trains_its_first_convolution_and_pool_in_one_compiled_step_and_t
     with profile() as prof:
         F.cross_entropy(fast_forward(model)(torch.randn(32, 1, 28, 28)), torch.arange(32) % 10).backward()
     names = [event.name for event in prof.events()]
-    assert names.count("WideConv2d") == 1 and names.count("aten::mkldnn_convolution") == 1
-    assert names.count("_TiledMaxPool") == 1  # the second pool; the first runs inside WideConv2d
+    assert names.count("ConvPool2d") == 1 and names.count("aten::mkldnn_convolution") == 1
+    assert names.count("TiledMaxPool2d") == 1  # the second pool; the first runs inside ConvPool2d
     assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in model.parameters())
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnlab.backprop.tiled_maxpool import NO_SWITCH, tiled_max_pool, tiled_max_pool_backward
+from cnnlab.fast.tiled_maxpool import NO_SWITCH, tiled_max_pool, tiled_max_pool_backward
 
 
 def reference(x: torch.Tensor, kernel: tuple[int, int], relu: bool, dout: torch.Tensor):

@@ -5,13 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab.backprop.engine import ManualEngine
+from cnnlab.engine.manual import ManualEngine
 from cnnlab.cli import main
 from cnnlab.config import OptimConfig, TrainConfig
 from cnnlab.data.sources import load_splits, normalization_for
 from cnnlab.models import all_models, create_model
+from cnnlab.models.resnet import resnet
 from cnnlab.train.checkpoint import load_checkpoint
-from cnnlab.train.engine import AutogradEngine
+from cnnlab.engine.autograd import AutogradEngine
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +97,9 @@ def test_every_registered_model_takes_the_autograd_engines_steps(name):
         torch.testing.assert_close(manual.model.state_dict()[key], value, rtol=1e-10, atol=1e-12, msg=key)
 
 
-def test_a_resnet_takes_the_autograd_engines_steps(resnet):
+def test_a_resnet_takes_the_autograd_engines_steps():
     torch.manual_seed(5)
-    model = resnet.resnet((1, 16, 16), 10, blocks_per_stage=1).double().train()
+    model = resnet((1, 16, 16), 10, blocks_per_stage=1).double().train()
     manual, autograd = twin_engines(model, TrainConfig(optim=OptimConfig(name="adamw", lr=1e-3)))
     generator = torch.Generator().manual_seed(5)
     for _ in range(3):

@@ -1,19 +1,18 @@
-"""The hand-written training engine: cnnlab's own forward, backward and update.
+"""The hand-written engine: cnnlab's own forward, backward and update (`cnnlab train --engine manual`).
 
-It implements the `Engine` protocol of `cnnlab.train.engine`, step for step what
-the autograd engine does with torch.autograd and torch.optim:
+Step for step what the autograd engine does with torch.autograd and torch.optim:
 
     logits = network.forward(x)             every layer keeps what its backward needs
     loss   = cross_entropy.forward(logits, y)
     dlogits = cross_entropy.backward()      (softmax - target) / N
     network.backward(dlogits)               layers in reverse, each filling its grads
-    clip_grad_norm(grads)                   when --grad-clip is set
+    clip_grad_norm(grads)                   when --grad-clip is set (in SlicedStep)
     optimizer.step(grads, lr)               in place, on tensors shared with the model
 
 The network shares storage with `model`, so the trainer's evaluation,
 checkpoints and export see every update without knowing which engine made it.
-On a CPU, each core runs its own twin of the network on a slice of the batch
-(`cnnlab.train.slices`); the slices' gradients add up to the batch's.
+The layers keep what their backward needs, so each slice of a batch gets its
+own network over the same parameters.
 """
 
 from __future__ import annotations
@@ -23,47 +22,42 @@ from torch import nn
 
 from cnnlab.backprop.losses import SoftmaxCrossEntropy
 from cnnlab.backprop.network import Sequential
-from cnnlab.backprop.optim import build_optimizer, clip_grad_norm
+from cnnlab.backprop.optim import build_optimizer
 from cnnlab.config import TrainConfig
-from cnnlab.train.slices import map_slices, slice_count, sliced, sum_in_order
+from cnnlab.engine.step import SlicedStep, slices_for
 
 
 class ManualEngine:
-    """Trains `model` (an nn.Sequential, already on its device) with hand-written backprop."""
+    """Trains `model` (an nn.Sequential, already on its device) with hand-written backprop.
 
-    def __init__(self, model: nn.Module, config: TrainConfig) -> None:
+    fast: build the network with the fused layers that run cnnlab's compiled kernels
+    (`Sequential.from_torch(fast=True)`, CPU only); slices: see `cnnlab.engine.make_engine`.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, *, fast: bool = True, slices: int | None = None) -> None:
         self.model = model
-        # On a CPU each core takes a slice of the batch (cnnlab/train/slices.py). The layers keep
-        # what their backward needs, so each slice gets its own network over the same parameters.
-        self.slices = slice_count(model, next(model.parameters()).device)
-        self.networks = [Sequential.from_torch(model) for _ in range(self.slices)]
-        self.loss_layers = [SoftmaxCrossEntropy(config.label_smoothing) for _ in range(self.slices)]
+        count = slices_for(model, slices)
+        fast = fast and next(model.parameters()).device.type == "cpu"
+        self.networks = [Sequential.from_torch(model, fast=fast) for _ in range(count)]
+        self.loss_layers = [SoftmaxCrossEntropy(config.label_smoothing) for _ in range(count)]
         for network in self.networks:
             # dL/d(images) is never used: the first layer may skip computing it.
             network.skip_input_grad()
-        self.grad_clip = config.optim.grad_clip
-        self.optimizer = build_optimizer(config.optim, self.networks[0].parameters())
+        self.params = self.networks[0].parameters()  # name -> tensor shared with the model
+        self.names, self.sizes = list(self.params), [p.numel() for p in self.params.values()]
+        self.optimizer = build_optimizer(config.optim, self.params)
+        self.step = SlicedStep(self._loss_and_gradient, self._update, count, config.optim.grad_clip)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (N, C, H, W) float32, normalized; y: (N,) int64 -> (loss (), logits (N, K))."""
-        batch = len(x)
-        with sliced(batch, self.slices) as count:
-            parts = map_slices(lambda i, xs, ys: self._loss_and_gradients(i, xs, ys, batch), x, y, count)
-            losses, logits, gradients = zip(*parts)
-            grads = {name: sum_in_order([g[name] for g in gradients]) for name in gradients[0]}
-            with torch.no_grad():
-                if self.grad_clip > 0:
-                    clip_grad_norm(grads.values(), self.grad_clip)
-                self.optimizer.step(grads, lr)
-            return sum_in_order(losses), torch.cat(logits)
+        return self.step(x, y, lr)
 
-    def _loss_and_gradients(
+    def _loss_and_gradient(
         self, index: int, x: torch.Tensor, y: torch.Tensor, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slice `index`, x: (n, C, H, W), y: (n,), of a batch of `batch` images, through its network.
 
         Returns the slice's share of the batch's mean loss, its logits (n, K) and the share's
-        gradient for every parameter by name.
+        gradient, every parameter's flattened into one vector (P,) in `self.names` order.
         """
         # Nothing here requires grad (the layers hold detached views of the parameters);
         # no_grad says so, and spares every operation autograd's bookkeeping.
@@ -75,7 +69,13 @@ class ManualEngine:
             share = len(x) / batch  # the slice's mean loss, weighted to its share of the batch's
             loss = loss_layer.forward(logits, y) * share  # ()
             network.backward(loss_layer.backward(share))
-            return loss, logits, network.gradients()
+            gradients = network.gradients()
+            return loss, logits, torch.cat([gradients[name].reshape(-1) for name in self.names])
+
+    def _update(self, gradient: torch.Tensor, lr: float) -> None:
+        with torch.no_grad():
+            grads = {name: g.view_as(self.params[name]) for name, g in zip(self.names, gradient.split(self.sizes))}
+            self.optimizer.step(grads, lr)
 
     def optimizer_state(self) -> dict:
         """{"optimizer": "sgd" | "adam" | "adamw", "state": {param name: {...tensors, step}}}."""

@@ -35,6 +35,16 @@ from cnnlab.compiled import compiled
 NO_SWITCH = 255  # the switch of a window that passes no gradient (its maximum was cut by the ReLU)
 
 
+def tiles(
+    kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
+    ceil_mode: bool,
+) -> bool:  # fmt: skip
+    """Whether a max-pool's windows are disjoint tiles, which these loops compute: stride = kernel, no
+    padding or dilation, floor mode, and fewer than NO_SWITCH positions per window (a byte says which won)."""
+    return (stride == kernel and padding == (0, 0) and dilation == (1, 1) and not ceil_mode
+            and kernel[0] * kernel[1] < NO_SWITCH)  # fmt: skip
+
+
 def tiled_max_pool(x: torch.Tensor, kernel: tuple[int, int], relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (N, C, H, W) float on the CPU -> (y, switch), both (N, C, H // kh, W // kw).
 

@@ -24,7 +24,7 @@ k = n * pitch + m: its tap (p, q) reads one input phase at k plus a fixed
 shift. The pool window at (n, m) holds output phase (a, r) at k in position
 a * pool_w + r of row-major order, so the pool is an elementwise maximum of
 the phase planes, in that order, with the ties and NaNs of
-`cnnlab.backprop.tiled_maxpool`; the backward pass gives each phase plane the
+`cnnlab.fast.tiled_maxpool`; the backward pass gives each phase plane the
 pooled gradient where its window's maximum is in that phase, and zero
 elsewhere. Without phases, the pool's loops ran over a plane's few windows
 per row and stayed scalar, as long as the convolution itself. A pool of
@@ -62,44 +62,72 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from cnnlab.backprop.tiled_maxpool import NO_SWITCH
 from cnnlab.compiled import compiled
+from cnnlab.fast.tiled_maxpool import NO_SWITCH, tiled_max_pool_backward
 
+# Constants of the code, not settings: the weight gradient's inner loop below is written out for
+# BLOCK x COLUMNS = 15 sums by name (sum00 .. sum24), which LLVM keeps in registers; changing
+# either number means rewriting that loop. 3 x 5 fits LeNet-5's 6 channels and 5-wide kernels.
 BLOCK = 3  # output channels per pass of the weight gradient
-COLUMNS = 5  # kernel columns per pass of the weight gradient (LeNet-5's kernels are 5 wide)
+COLUMNS = 5  # kernel columns per pass of the weight gradient
 LANES = 16  # the flat loops' trip counts are multiples of this: whole vectors of 8 floats, unrolled twice
 
 
-class WideConv2d(torch.autograd.Function):
-    """y = max_pool2d(conv2d(x, weight, bias, padding=padding), pool), then max(0, y) if `relu`, for an x
-    that needs no gradient; windows that tile the convolution's output; see the module docstring."""
+def conv_pool(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int],
+    pool: tuple[int, int], relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """y = max_pool2d(conv2d(x, weight, bias, padding=padding), pool), then max(0, y) if `relu`.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding, pool, relu):  # x: (N, C, H, W) -> (N, O, OH // PH, OW // PW)
-        x = x.detach().contiguous()
-        out_channels, in_channels, kh, kw = weight.shape
-        blocked = math.ceil(out_channels / BLOCK) * BLOCK  # the weight gradient's channels, padded
-        weights = weight.detach().contiguous()
-        biases = bias.detach().contiguous() if bias is not None else weight.new_zeros(out_channels)
-        (ph, pw), (rows, columns) = padding, x.shape[2:]
-        kernels = _kernels(out_channels, in_channels, kh, kw, rows, columns, ph, pw, *pool, relu)
-        pooled = ((rows + 2 * ph - kh + 1) // pool[0], (columns + 2 * pw - kw + 1) // pool[1])
-        y = x.new_empty(len(x), out_channels, *pooled)
-        switch = torch.empty(y.shape, dtype=torch.uint8)  # which position of its window each output is
-        kernels[0](x.numpy(), weights.numpy(), biases.numpy(), y.numpy(), switch.numpy())
-        ctx.save_for_backward(x, switch)
-        ctx.blocked, ctx.has_bias, ctx.kernels, ctx.weight_shape = blocked, bias is not None, kernels, weight.shape
-        return y
+    x: (N, C, H, W) float32 or float64 on the CPU; weight: (O, C, KH, KW); bias: (O,) or None.
+    Returns (y, switch), both (N, O, OH // PH, OW // PW) with (OH, OW) the convolution's output
+    size: switch (uint8) is where in its window each output's maximum was (i * PW + j), NO_SWITCH
+    where the ReLU cut it, as `tiled_max_pool` gives it.
+    """
+    x = x.detach().contiguous()
+    out_channels, in_channels, kh, kw = weight.shape
+    biases = bias.detach().contiguous() if bias is not None else weight.new_zeros(out_channels)
+    (ph, pw), (rows, columns) = padding, x.shape[2:]
+    forward = _kernels(out_channels, in_channels, kh, kw, rows, columns, ph, pw, *pool, relu)[0]
+    pooled = ((rows + 2 * ph - kh + 1) // pool[0], (columns + 2 * pw - kw + 1) // pool[1])
+    y = x.new_empty(len(x), out_channels, *pooled)
+    switch = torch.empty(y.shape, dtype=torch.uint8)
+    forward(x.numpy(), weight.detach().contiguous().numpy(), biases.numpy(), y.numpy(), switch.numpy())
+    return y, switch
 
-    @staticmethod
-    def backward(ctx, dy):  # dy: (N, O, POH, POW) -> gradients of weight (O, C, KH, KW) and bias (O,)
-        x, switch = ctx.saved_tensors
-        out_channels, in_channels, kh, kw = ctx.weight_shape
-        dweight = x.new_empty(ctx.blocked, in_channels, kh, kw)
-        dbias = x.new_empty(ctx.blocked)
-        ctx.kernels[1](x.numpy(), dy.contiguous().numpy(), switch.numpy(), dweight.numpy(), dbias.numpy())
-        return None, dweight[:out_channels], dbias[:out_channels] if ctx.has_bias else None, None, None, None
+
+def conv_pool_weight_grad(
+    x: torch.Tensor, dy: torch.Tensor, switch: torch.Tensor, weight_shape: torch.Size, padding: tuple[int, int],
+    pool: tuple[int, int], relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """dL/dweight (O, C, KH, KW) and dL/dbias (O,) of `conv_pool`, from its input x (N, C, H, W),
+    the gradient dy of its output and its switch (both (N, O, POH, POW))."""
+    x = x.detach().contiguous()
+    out_channels, in_channels, kh, kw = weight_shape
+    (ph, pw), (rows, columns) = padding, x.shape[2:]
+    weight_grad = _kernels(out_channels, in_channels, kh, kw, rows, columns, ph, pw, *pool, relu)[1]
+    blocked = math.ceil(out_channels / BLOCK) * BLOCK  # the weight gradient's channels, padded
+    dweight = x.new_empty(blocked, in_channels, kh, kw)
+    dbias = x.new_empty(blocked)
+    weight_grad(x.numpy(), dy.detach().contiguous().numpy(), switch.numpy(), dweight.numpy(), dbias.numpy())
+    return dweight[:out_channels], dbias[:out_channels]
+
+
+def conv_pool_input_grad(
+    dy: torch.Tensor, switch: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int], pool: tuple[int, int],
+    in_shape: torch.Size,
+) -> torch.Tensor:  # fmt: skip
+    """dL/dx (N, C, H, W) = `in_shape` of `conv_pool`, for an input that needs one (not a network's first layer).
+
+    The pool's backward pass gives the convolution output's gradient, a transposed convolution
+    the input's; with stride 1 no rows or columns are left over. Seldom needed, so not compiled.
+    """
+    (ph, pw), (kh, kw) = padding, weight.shape[2:]
+    conv_shape = (len(dy), weight.shape[0], in_shape[2] + 2 * ph - kh + 1, in_shape[3] + 2 * pw - kw + 1)
+    dconv = tiled_max_pool_backward(dy, switch, pool, torch.Size(conv_shape))
+    return F.conv_transpose2d(dconv, weight.detach(), None, 1, padding)
 
 
 @compiled
@@ -124,7 +152,7 @@ def _split(x, image, phases, channels, rows, columns, ph, pw, layout):  # pragma
 
 
 @compiled
-def _read(a, r, c, p, q, layout):  # pragma: no cover - compiled; tested through WideConv2d
+def _read(a, r, c, p, q, layout):  # pragma: no cover - compiled; tested through conv_pool
     """Where output phase (a, r)'s tap (c, p, q) reads the input's phases, relative to the output position.
 
     layout: (pool_h, pool_w, the size of one input phase, its rows, its columns)."""
@@ -164,7 +192,7 @@ def _kernels(
     fast = {"reassoc", "nsz", "contract"}  # the sums run as vector partial sums
 
     @compiled(fastmath=fast)
-    def forward(x, weight, bias, y, switch):  # pragma: no cover - compiled; tested through WideConv2d
+    def forward(x, weight, bias, y, switch):  # pragma: no cover - compiled; tested through conv_pool
         # x: (N, C, rows, columns); weight: (O, C, KH, KW); bias: (O,); y, switch: (N, O, POH, POW)
         n = x.shape[0]
         x, weight, y, switch = x.reshape(-1), weight.reshape(-1), y.reshape(-1), switch.reshape(-1)
@@ -208,7 +236,7 @@ def _kernels(
                         switch[out + np.uint64(row * pow_ + m)] = chosen[at]
 
     @compiled(fastmath=fast)
-    def weight_grad(x, dy, switch, dweight, dbias):  # pragma: no cover - compiled; tested through WideConv2d
+    def weight_grad(x, dy, switch, dweight, dbias):  # pragma: no cover - compiled; tested through conv_pool
         # x: (N, C, rows, columns); dy, switch: (N, O, POH, POW); dweight: (O rounded up to BLOCK, C, KH, KW);
         # dbias: (O rounded up,)
         n = x.shape[0]
