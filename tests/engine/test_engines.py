@@ -61,6 +61,21 @@ def test_lenet5_trained_by_both_engines_has_the_same_weights_after_100_float32_s
     assert max_difference(manual.model, initial) > 1e-2  # and the weights did move
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast kernels", "plain layers"])
+def test_the_hand_written_engine_takes_the_same_steps_with_or_without_the_fast_kernels(digits, fast):
+    """fast=True runs LeNet-5's first convolution and pools as compiled loops (backprop/fused.py);
+    fast=False runs one hand-written layer per module. Both take the autograd engine's steps."""
+    torch.manual_seed(2)
+    model = create_model("lenet5", (1, 28, 28), 10)
+    config = TrainConfig(optim=OptimConfig(lr=0.01, momentum=0.0, nesterov=False))
+    manual = ManualEngine(model, config, fast=fast)
+    autograd = AutogradEngine(copy.deepcopy(model), config, fast=False)
+    fused = {type(layer).__name__ for layer in manual.networks[0].layers} & {"ConvPool", "TiledMaxPool"}
+    assert fused == ({"ConvPool", "TiledMaxPool"} if fast else set())
+    train_both(manual, autograd, digits, steps=10, batch_size=64, lr=0.01)
+    assert max_difference(manual.model, autograd.model) <= 1e-5
+
+
 @pytest.mark.parametrize(
     "optim",
     [
