@@ -40,4 +40,4 @@ def test_a_second_process_loads_every_compiled_loop_from_the_disk_cache(tmp_path
     # The loops called from Python are loaded; a loop called only from other compiled loops (the
     # first convolution's _split and _read) is part of their machine code.
     assert loaded == compiled - {"conv_pool._split", "conv_pool._read"}
-    assert {"conv_pool._kernels.locals.forward", "conv_pool._kernels.locals.weight_grad"} <= loaded
+    assert {"conv_pool._forward_kernel.locals.forward", "conv_pool._weight_grad_kernel.locals.weight_grad"} <= loaded

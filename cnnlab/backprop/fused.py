@@ -86,7 +86,7 @@ class ConvPool(Layer):
     def backward(self, dout: torch.Tensor) -> torch.Tensor | None:
         x, switch = self._take(dout)
         w = self.params["weight"]
-        dw, db = conv_pool_weight_grad(x, dout, switch, w.shape, self.padding, self.pool, self.relu)
+        dw, db = conv_pool_weight_grad(x, dout, switch, w.shape, self.padding, self.pool)
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db

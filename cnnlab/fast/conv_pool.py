@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -90,7 +91,7 @@ def conv_pool(
     out_channels, in_channels, kh, kw = weight.shape
     biases = bias.detach().contiguous() if bias is not None else weight.new_zeros(out_channels)
     (ph, pw), (rows, columns) = padding, x.shape[2:]
-    forward = _kernels(out_channels, in_channels, kh, kw, rows, columns, ph, pw, *pool, relu)[0]
+    forward = _forward_kernel(out_channels, in_channels, kh, kw, rows, columns, ph, pw, *pool, relu)
     pooled = ((rows + 2 * ph - kh + 1) // pool[0], (columns + 2 * pw - kw + 1) // pool[1])
     y = x.new_empty(len(x), out_channels, *pooled)
     switch = torch.empty(y.shape, dtype=torch.uint8)
@@ -100,14 +101,14 @@ def conv_pool(
 
 def conv_pool_weight_grad(
     x: torch.Tensor, dy: torch.Tensor, switch: torch.Tensor, weight_shape: torch.Size, padding: tuple[int, int],
-    pool: tuple[int, int], relu: bool,
+    pool: tuple[int, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """dL/dweight (O, C, KH, KW) and dL/dbias (O,) of `conv_pool`, from its input x (N, C, H, W),
     the gradient dy of its output and its switch (both (N, O, POH, POW))."""
     x = x.detach().contiguous()
     out_channels, in_channels, kh, kw = weight_shape
     (ph, pw), (rows, columns) = padding, x.shape[2:]
-    weight_grad = _kernels(out_channels, in_channels, kh, kw, rows, columns, ph, pw, *pool, relu)[1]
+    weight_grad = _weight_grad_kernel(out_channels, in_channels, kh, kw, rows, columns, ph, pw, *pool)
     blocked = math.ceil(out_channels / BLOCK) * BLOCK  # the weight gradient's channels, padded
     dweight = x.new_empty(blocked, in_channels, kh, kw)
     dbias = x.new_empty(blocked)
@@ -161,24 +162,28 @@ def _read(a, r, c, p, q, layout):  # pragma: no cover - compiled; tested through
     return (row % pool_h * pool_w + column % pool_w) * plane + (c * prows + row // pool_h) * pitch + column // pool_w
 
 
-@functools.cache
-def _kernels(
-    out_channels: int, in_channels: int, kh: int, kw: int, rows: int, columns: int, ph: int, pw: int,
-    pool_h: int, pool_w: int, relu: bool,
-):  # fmt: skip
-    """The compiled (forward, weight gradient) loops for one convolution's shapes, padding and pool.
+class Geometry(NamedTuple):
+    """Where one convolution's phases, positions and reads lie; see `_geometry`."""
 
-    All shapes are constants of the compiled code: LLVM unrolls the C x KH x KW taps and
-    vectorizes the flat loop over output positions around them. Offsets are unsigned, as
-    numba's wrap-around check for negative indices keeps LLVM from vectorizing.
-    """
+    poh: int  # pooled output rows
+    pow_: int  # pooled output columns
+    count: int  # phases, and positions in a pool window
+    layout: tuple[int, int, int, int, int]  # (pool_h, pool_w, plane, prows, pitch), for _split and _read
+    plane: int  # one phase of the padded input: C x prows x pitch
+    pitch: int  # a phase plane's columns
+    span: int  # positions computed per output phase, a multiple of LANES
+    taps: int  # C x KH x KW
+    margin: int  # room after the last phase plane for the reads past the last position
+
+
+@functools.cache
+def _geometry(
+    in_channels: int, kh: int, kw: int, rows: int, columns: int, ph: int, pw: int, pool_h: int, pool_w: int
+) -> Geometry:
     height, width = rows + 2 * ph, columns + 2 * pw  # of the padded input
-    oh, ow = height - kh + 1, width - kw + 1
-    poh, pow_ = oh // pool_h, ow // pool_w  # the pooled output
-    count = pool_h * pool_w  # phases, and positions in a window
+    poh, pow_ = (height - kh + 1) // pool_h, (width - kw + 1) // pool_w  # the pooled output
     prows, pitch = -(-height // pool_h), -(-width // pool_w)  # a phase plane's rows and columns
-    plane = in_channels * prows * pitch  # one phase of the padded input
-    layout = (pool_h, pool_w, plane, prows, pitch)
+    plane = in_channels * prows * pitch
     # A pooled plane's positions at the phases' pitch, up to the last real one. Output phase
     # (a, r) at k = n * pitch + m is convolution output (n * pool_h + a, m * pool_w + r): its
     # tap (p, q) reads input phase ((a + p) % pool_h, (r + q) % pool_w) at k, shifted by
@@ -186,12 +191,31 @@ def _kernels(
     # Rounded up to whole vectors, so that no position runs in a scalar remainder loop (which took
     # a fifth of the time at LeNet-5's 222 positions); the positions past the last are junk too.
     span = -(-((poh - 1) * pitch + pow_) // LANES) * LANES
-    taps = in_channels * kh * kw
     # Past the last phase plane, the rounded span and a block of COLUMNS kernel columns read this far.
     margin = pitch + COLUMNS + LANES
-    fast = {"reassoc", "nsz", "contract"}  # the sums run as vector partial sums
+    layout = (pool_h, pool_w, plane, prows, pitch)
+    return Geometry(poh, pow_, pool_h * pool_w, layout, plane, pitch, span, in_channels * kh * kw, margin)
 
-    @compiled(fastmath=fast)
+
+# How the loops below are made fast: all shapes are constants of the compiled code (each
+# factory reads them into local names, which numba freezes into the machine code), so LLVM
+# unrolls the C x KH x KW taps and vectorizes the flat loop over output positions around
+# them. Offsets are unsigned, as numba's wrap-around check for negative indices keeps LLVM
+# from vectorizing. The sums run as vector partial sums (fastmath's reassociation).
+FASTMATH = {"reassoc", "nsz", "contract"}
+
+
+@functools.cache
+def _forward_kernel(
+    out_channels: int, in_channels: int, kh: int, kw: int, rows: int, columns: int, ph: int, pw: int,
+    pool_h: int, pool_w: int, relu: bool,
+):  # fmt: skip
+    """The compiled forward loops for one convolution's shapes, padding, pool and ReLU."""
+    poh, pow_, count, layout, plane, pitch, span, taps, margin = _geometry(
+        in_channels, kh, kw, rows, columns, ph, pw, pool_h, pool_w
+    )
+
+    @compiled(fastmath=FASTMATH)
     def forward(x, weight, bias, y, switch):  # pragma: no cover - compiled; tested through conv_pool
         # x: (N, C, rows, columns); weight: (O, C, KH, KW); bias: (O,); y, switch: (N, O, POH, POW)
         n = x.shape[0]
@@ -235,7 +259,20 @@ def _kernels(
                         y[out + np.uint64(row * pow_ + m)] = pooled[at]
                         switch[out + np.uint64(row * pow_ + m)] = chosen[at]
 
-    @compiled(fastmath=fast)
+    return forward
+
+
+@functools.cache
+def _weight_grad_kernel(
+    out_channels: int, in_channels: int, kh: int, kw: int, rows: int, columns: int, ph: int, pw: int,
+    pool_h: int, pool_w: int,
+):  # fmt: skip
+    """The compiled weight and bias gradient loops for one convolution's shapes, padding and pool."""
+    poh, pow_, count, layout, plane, pitch, span, taps, margin = _geometry(
+        in_channels, kh, kw, rows, columns, ph, pw, pool_h, pool_w
+    )
+
+    @compiled(fastmath=FASTMATH)
     def weight_grad(x, dy, switch, dweight, dbias):  # pragma: no cover - compiled; tested through conv_pool
         # x: (N, C, rows, columns); dy, switch: (N, O, POH, POW); dweight: (O rounded up to BLOCK, C, KH, KW);
         # dbias: (O rounded up,)
@@ -313,4 +350,4 @@ def _kernels(
                                             tap = (c * kh + p) * kw + q + j
                                             dweight[np.uint64((block + b) * taps + tap)] += sums[b * COLUMNS + j]
 
-    return forward, weight_grad
+    return weight_grad

@@ -115,13 +115,13 @@ class ConvPool2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, padding, pool, relu):  # x: (N, C, H, W) -> (N, O, OH // ph, OW // pw)
         y, switch = conv_pool(x, weight, bias, padding, pool, relu)
         ctx.save_for_backward(x, weight, switch)
-        ctx.padding, ctx.pool, ctx.relu, ctx.has_bias = padding, pool, relu, bias is not None
+        ctx.padding, ctx.pool, ctx.has_bias = padding, pool, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):  # dy: (N, O, POH, POW) -> gradients of x, weight (O, C, KH, KW) and bias (O,)
         x, weight, switch = ctx.saved_tensors
-        dweight, dbias = conv_pool_weight_grad(x, dy, switch, weight.shape, ctx.padding, ctx.pool, ctx.relu)
+        dweight, dbias = conv_pool_weight_grad(x, dy, switch, weight.shape, ctx.padding, ctx.pool)
         dx = None
         if ctx.needs_input_grad[0]:  # not the network's first layer: seldom
             dx = conv_pool_input_grad(dy, switch, weight, ctx.padding, ctx.pool, x.shape)

@@ -55,7 +55,7 @@ def tiled_max_pool(x: torch.Tensor, kernel: tuple[int, int], relu: bool) -> tupl
     (kh, kw), (n, c, h, w) = kernel, x.shape
     y = x.new_empty(n, c, h // kh, w // kw)
     switch = torch.empty(y.shape, dtype=torch.uint8)
-    _kernels(kh, kw)[0](x.numpy(), relu, y.numpy(), switch.numpy())
+    _forward_kernel(kh, kw)(x.numpy(), relu, y.numpy(), switch.numpy())
     return y, switch
 
 
@@ -65,27 +65,27 @@ def tiled_max_pool_backward(
     """dout, switch: (N, C, OH, OW) -> dx: (N, C, H, W) = `in_shape`."""
     dout = dout.detach().contiguous()
     dx = dout.new_empty(in_shape)
-    _kernels(*kernel)[1](dout.numpy(), switch.contiguous().numpy(), dx.numpy())
+    _backward_kernel(*kernel)(dout.numpy(), switch.contiguous().numpy(), dx.numpy())
     return dx
 
 
+# How the loops below are made fast. The window size is a constant of the compiled code, not an
+# argument: with it fixed, LLVM unrolls the window loops and vectorizes the loops around them. Each pass runs over
+# long rows of contiguous memory (LeNet-5's first pool: rows of 24 columns, then one flat
+# loop over every window); a loop over each row's few windows (12) stayed scalar.
+#
+# Offsets are unsigned: numba wraps a negative signed index around the array's end, a
+# check per access that keeps LLVM from vectorizing (these loops ran 3x slower).
+#
+# The loops run on the calling thread. numba's parallel loops would halve their time, but
+# their worker threads spin between calls, taking a core from PyTorch's own threads for
+# the rest of the step; serial loops also leave the kernels safe to call from several
+# threads at once (nogil).
+
+
 @functools.cache
-def _kernels(kh: int, kw: int):
-    """The compiled (forward, backward) loops for kh x kw windows.
-
-    The window size is a constant of the compiled code, not an argument: with it fixed,
-    LLVM unrolls the window loops and vectorizes the loops around them. Each pass runs over
-    long rows of contiguous memory (LeNet-5's first pool: rows of 24 columns, then one flat
-    loop over every window); a loop over each row's few windows (12) stayed scalar.
-
-    Offsets are unsigned: numba wraps a negative signed index around the array's end, a
-    check per access that keeps LLVM from vectorizing (these loops ran 3x slower).
-
-    The loops run on the calling thread. numba's parallel loops would halve their time, but
-    their worker threads spin between calls, taking a core from PyTorch's own threads for
-    the rest of the step; serial loops also leave the kernels safe to call from several
-    threads at once (nogil).
-    """
+def _forward_kernel(kh: int, kw: int):
+    """The compiled forward loops for kh x kw windows: (x, relu, y, switch) -> None, filling y and switch."""
 
     @compiled
     def forward(x, relu, y, switch):  # pragma: no cover - compiled; tested through its callers
@@ -129,6 +129,13 @@ def _kernels(kh: int, kw: int):
             y[np.uint64(o)] = zero if cut else best
             switch[np.uint64(o)] = np.uint8(NO_SWITCH) if cut else where
 
+    return forward
+
+
+@functools.cache
+def _backward_kernel(kh: int, kw: int):
+    """The compiled backward loops for kh x kw windows: (dout, switch, dx) -> None, filling dx."""
+
     @compiled
     def backward(dout, switch, dx):  # pragma: no cover - compiled; tested through its callers
         # dout, switch: (N, C, OH, OW); dx: (N, C, H, W); all contiguous
@@ -165,4 +172,4 @@ def _kernels(kh: int, kw: int):
             for i in range(oh * kh * w, h * w):
                 dx[np.uint64(plane * h * w + i)] = zero
 
-    return forward, backward
+    return backward
