@@ -2,18 +2,11 @@
 
 LeNet-sized layers are thin for oneDNN to share one operator between two
 cores. Two one-thread workers that each run the whole forward and backward
-pass on half of the batch keep both cores busy with less coordination: with
-each variant in its own process, x0.99 / x1.04-1.06 / x1.07 the whole batch's
-training images per second at batch 256 / 384 / 512 on two cores (`python
-bench/fastpath.py`; a one-process comparison showed x1.16-1.19, see the note
-above `_workers` for why it flattered slicing). Below 64 images a slice,
-per-operator overhead eats the gain, so smaller batches are not split.
-
-The arithmetic is the batch's: each slice's loss is its sum over images
-divided by the whole batch's size, so the slices' losses and gradients add up
-to the batch mean's. The gradients are added in slice order, so a run repeats
-exactly on the same machine; against the unsplit batch they differ by float32
-rounding only.
+pass on half of the batch keep both cores busy with less coordination
+(`python bench/fastpath.py` times the step sliced and whole, each in its own
+process). Below 64 images a slice, per-operator overhead eats the gain, so
+smaller batches are not split. `cnnlab.engine.step.SlicedStep` is the
+training step built on this; evaluation uses it too.
 
 Only models whose output for an image depends on that image and the
 parameters alone, and whose forward pass changes nothing, may be split:

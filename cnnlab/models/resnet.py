@@ -1,4 +1,4 @@
-"""A small ResNet for 28x28 and 32x32 images (He et al., 2016; seed 003's residual blocks).
+"""A small ResNet for 28x28 and 32x32 images (He et al., 2016).
 
 stem conv 16@3x3 -> BN -> ReLU, then three stages of basic blocks at 16, 32 and
 64 channels (the last two halve the resolution), global average pool, fc classes.
