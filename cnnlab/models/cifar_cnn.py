@@ -1,4 +1,4 @@
-"""The small CIFAR network of seed 000.
+"""The small CIFAR network: two convolution blocks and a two-layer classifier.
 
 conv 16@3x3 pad 1 -> ReLU -> max-pool 2 -> conv 32@3x3 pad 1 -> ReLU -> max-pool 2
 -> fc 64 -> ReLU -> fc classes. On 3x32x32 the features are 32x8x8 = 2048 numbers.
@@ -9,7 +9,7 @@ from torch import nn
 from cnnlab.models.registry import flat_features, register_model
 
 
-@register_model("cifar_cnn", "two 3x3 convs (16, 32) with max-pooling, fc 64-classes (seed 000)")
+@register_model("cifar_cnn", "small CIFAR net: two 3x3 convs (16, 32) with max-pooling, fc 64-classes")
 def cifar_cnn(in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
     features = nn.Sequential(
         nn.Conv2d(in_shape[0], 16, kernel_size=3, padding=1),  # (N, 16, H, W)

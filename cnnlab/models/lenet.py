@@ -10,7 +10,7 @@ from torch import nn
 from cnnlab.models.registry import flat_features, register_model
 
 
-@register_model("lenet5", "LeNet-5: two 5x5 convs with max-pooling, fc 120-84-classes (seed 001)")
+@register_model("lenet5", "LeNet-5 (LeCun et al., 1998): two 5x5 convs (6, 16) with max-pooling, fc 120-84-classes")
 def lenet5(in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
     channels = in_shape[0]
     features = nn.Sequential(
