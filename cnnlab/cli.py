@@ -12,11 +12,14 @@ import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from cnnlab import __version__
-from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, load_yaml_config, recipe_for, resolve_config
+from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, Resolution, TrainConfig, load_yaml_config, resolve
 from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:
+    from cnnlab.train.checkpoint import Checkpoint
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -70,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cnnlab", description="Train, inspect and ship convolutional image classifiers.")
     parser.add_argument("--version", action="version", version=f"cnnlab {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(commands)
+    _add_tools(commands)
+    return parser
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser(
         "train",
         help="train a model into a run directory",
@@ -88,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--json", action="store_true", help="print one JSON object with the results")
     train.set_defaults(handler=_train)
 
+
+def _add_tools(commands: argparse._SubParsersAction) -> None:
+    """The commands over trained runs, models and datasets."""
     evaluate = commands.add_parser("evaluate", help="test a trained model: loss, accuracy, per-class figures")
     evaluate.add_argument("checkpoint", type=Path, metavar="RUN_OR_CHECKPOINT")
     evaluate.add_argument("--dataset", help="dataset to test on (default: the one it was trained on)")
@@ -119,7 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     gradcheck.add_argument("--seed", type=int, default=0)
     gradcheck.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     gradcheck.set_defaults(handler=_gradcheck)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,28 +157,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         run = RunDirectory.open(args.resume)
         checkpoint = load_checkpoint(run.checkpoints / "last.pt")
-        flags = _flag_options(args)
-        if flags.keys() - {"epochs", "device"} or args.no_recipe:
-            raise CnnlabError("--resume continues a run with its saved options; only --epochs and --device may change")
-        # The saved config names every option, so no recipe reaches into it.
-        config = resolve_config(checkpoint.config or {}, flags, origin=str(run.path))
-        config.validate()
-        if config.epochs <= checkpoint.epoch:
-            raise CnnlabError(f"{run.path} already has {checkpoint.epoch} epochs: pass --epochs N with N > {checkpoint.epoch}")
-        result = fit(config, run, progress, resume=checkpoint)
+        result = fit(_resumed_config(args, checkpoint, run_path=run.path), run, progress, resume=checkpoint)
     else:
-        file_options = load_yaml_config(args.config) if args.config else {}
-        # Flags are typed by argparse and recipes are cnnlab's own, so a mistake can only be the file's.
-        origin = str(args.config) if args.config else "config"
-        config = resolve_config(file_options, _flag_options(args), origin=origin, recipe=not args.no_recipe)
-        config.validate()
-        recipe = {} if args.no_recipe else recipe_for(config.model, config.dataset)
-        if recipe:
-            progress.message(
-                f"tuned recipe for {config.model} on {config.dataset}: {_dotted(recipe)} (flags and --config override it)"
-            )
-        name = config.name or f"{config.model}-{config.dataset.replace(':', '_').replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
-        run = RunDirectory.create(Path(config.runs_dir) / name, overwrite=args.overwrite)
+        resolution = _resolve_new_run(args)
+        config = resolution.config
+        if resolution.recipe_applied or resolution.recipe_overridden:
+            progress.message(_recipe_line(resolution))
+        run = RunDirectory.create(Path(config.runs_dir) / (config.name or _run_name(config)), overwrite=args.overwrite)
         result = fit(config, run, progress)
 
     test = result.test.evaluation
@@ -178,6 +173,47 @@ def _train(args: argparse.Namespace) -> int:
         print(f"test loss {test.loss:.4f}  test accuracy {100 * test.accuracy:.2f}%")
         print(f"run saved in {result.run_dir}")
     return 0
+
+
+def _resolve_new_run(args: argparse.Namespace) -> Resolution:
+    """The defaults, the recipe (unless --no-recipe), --config and the flags, resolved and validated."""
+    file_options = load_yaml_config(args.config) if args.config else {}
+    # Flags are typed by argparse and recipes are cnnlab's own, so a mistake can only be the file's.
+    origin = str(args.config) if args.config else "config"
+    return resolve(file_options, _flag_options(args), origin=origin, recipe=not args.no_recipe)
+
+
+def _resumed_config(args: argparse.Namespace, checkpoint: Checkpoint, *, run_path: Path) -> TrainConfig:
+    """The run's saved config, with the only flags a resumed run may change (--epochs, --device)."""
+    flags = _flag_options(args)
+    if flags.keys() - {"epochs", "device"} or args.no_recipe:
+        raise CnnlabError("--resume continues a run with its saved options; only --epochs and --device may change")
+    # The saved config names the options the run was made with; a recipe must not fill in
+    # any it lacks (a checkpoint older than an option), as the run never had them.
+    config = resolve(checkpoint.config or {}, flags, origin=str(run_path), recipe=False).config
+    if config.epochs <= checkpoint.epoch:
+        done = checkpoint.epoch
+        raise CnnlabError(f"{run_path} already has {done} epochs: pass --epochs N with N > {done}")
+    return config
+
+
+def _recipe_line(resolution: Resolution) -> str:
+    """The recipe options that will run, then those a flag or --config overrode, with the values that will run.
+
+    "tuned recipe for lenet5 on digits: batch_size=32, optim.lr=0.05 (epochs=15 overridden: 3)"
+    """
+    config = resolution.config
+    applied = ", ".join(f"{key}={value}" for key, value in resolution.recipe_applied.items())
+    overridden = ", ".join(
+        f"{key}={recipe} overridden: {value}" for key, (recipe, value) in resolution.recipe_overridden.items()
+    )
+    line = f"tuned recipe for {config.model} on {config.dataset}: {applied or 'all of it overridden'}"
+    return f"{line} ({overridden})" if overridden else line
+
+
+def _run_name(config: TrainConfig) -> str:
+    """model-dataset-time, with the characters a folder: dataset's path brings made safe for a folder name."""
+    return f"{config.model}-{config.dataset.replace(':', '_').replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -291,14 +327,6 @@ def _flag_options(args: argparse.Namespace) -> dict[str, Any]:
             section, _, field = dest.rpartition(".")
             (options.setdefault(section, {}) if section else options)[field] = getattr(args, dest)
     return options
-
-
-def _dotted(options: dict[str, Any], prefix: str = "") -> str:
-    """{"epochs": 12, "optim": {"lr": 0.15}} -> "epochs=12, optim.lr=0.15"."""
-    return ", ".join(
-        _dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else f"{prefix}{key}={value}"
-        for key, value in options.items()
-    )
 
 
 def _parse_shape(text: str) -> tuple[int, int, int]:

@@ -2,13 +2,14 @@
 
 A `TrainConfig` comes from defaults, then the tuned recipe for its model and
 dataset (if there is one), then an optional YAML file, then command line
-flags, in that order (`resolve_config`); `validate()` runs once on the result,
-and the code below it receives typed values only.
+flags, in that order (`resolve`); the result is validated there, once, and
+the code below it receives typed values only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -165,22 +166,68 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def resolve_config(*layers: dict[str, Any], origin: str = "config", recipe: bool = True) -> TrainConfig:
+@dataclass(frozen=True)
+class Resolution:
+    """A resolved and validated config, and what the tuned recipe contributed to it.
+
+    Options are named dotted, as flags land in the config ("optim.lr").
+    recipe_applied: the recipe's options that are in effect, with their values;
+    recipe_overridden: the ones a config file or flag replaced, as (recipe's value, value in effect).
+    """
+
+    config: TrainConfig
+    recipe_applied: dict[str, Any]
+    recipe_overridden: dict[str, tuple[Any, Any]]
+
+
+def resolve(*layers: dict[str, Any], origin: str = "config", recipe: bool = True) -> Resolution:
     """Defaults, then the recipe for the model and dataset the layers name, then each layer in turn.
 
     Layers are nested dicts as in a YAML config file ({"optim": {"lr": 0.1}}); a later
-    layer's values win. `recipe=False` leaves the recipe out. The result is not validated yet.
+    layer's values win. `recipe=False` leaves the recipe out. Raises CnnlabError for an
+    unknown option, a value of the wrong type or one out of range.
     """
     given: dict[str, Any] = {}
     for layer in layers:
         given = _merged(given, layer)
-    tuned = recipe_for(given.get("model", TrainConfig.model), given.get("dataset", TrainConfig.dataset))
-    return TrainConfig.from_dict(_merged(tuned if recipe else {}, given), origin)
+    model, dataset = given.get("model", TrainConfig.model), given.get("dataset", TrainConfig.dataset)
+    tuned = recipe_for(model, dataset) if recipe else {}
+    config = TrainConfig.from_dict(_merged(tuned, given), origin)
+    config.validate()
+    # Compared with the config itself, not with the layers: what is reported is what will run.
+    options = _flattened(tuned)
+    in_effect = {key: _value_at(config, key) for key in options}
+    return Resolution(
+        config,
+        recipe_applied={key: value for key, value in options.items() if in_effect[key] == value},
+        recipe_overridden={key: (value, in_effect[key]) for key, value in options.items() if in_effect[key] != value},
+    )
+
+
+def resolve_config(*layers: dict[str, Any], origin: str = "config", recipe: bool = True) -> TrainConfig:
+    """The validated config `resolve` makes of `layers`, for callers that need no account of the recipe."""
+    return resolve(*layers, origin=origin, recipe=recipe).config
 
 
 def recipe_for(model: str, dataset: str) -> dict[str, Any]:
     """The tuned options for training `model` on `dataset`; {} where the defaults are the recipe."""
     return RECIPES.get((model, dataset), {})
+
+
+def _flattened(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"epochs": 12, "optim": {"lr": 0.15}} -> {"epochs": 12, "optim.lr": 0.15}."""
+    flat: dict[str, Any] = {}
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat.update(_flattened(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _value_at(config: TrainConfig, dotted: str) -> Any:
+    """config's value for a dotted option name: "optim.lr" -> config.optim.lr."""
+    return functools.reduce(getattr, dotted.split("."), config)
 
 
 def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -119,6 +119,30 @@ def test_a_tuned_recipe_is_announced_and_yields_to_the_config_file_and_flags(tmp
     fails_cleanly(capsys, ["train", "--resume", str(tmp_path / "plain"), "--epochs", "2", "--no-recipe"], "--resume")
 
 
+def test_the_recipe_line_shows_what_will_run_and_names_the_overrides(tmp_path, capsys):
+    assert main(["train", "--epochs", "1", "--runs-dir", str(tmp_path), "--name", "r"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("tuned recipe"))
+    assert line == (
+        "tuned recipe for lenet5 on digits: batch_size=32, optim.lr=0.05, augment.translate=0.1 "
+        "(epochs=15 overridden: 1)"
+    )
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["epochs"] == 1
+
+
+def test_the_recipe_line_names_what_a_config_file_overrode(tmp_path, capsys):
+    (tmp_path / "mine.yaml").write_text("optim:\n  lr: 0.02\n")
+    argv = ["train", "--config", str(tmp_path / "mine.yaml"), "--epochs", "1", "--batch-size", "32"]
+    assert main([*argv, "--runs-dir", str(tmp_path), "--name", "r"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("tuned recipe"))
+    # --batch-size 32 is the recipe's own value, so the recipe's batch size is what runs.
+    assert line == (
+        "tuned recipe for lenet5 on digits: batch_size=32, augment.translate=0.1 "
+        "(epochs=15 overridden: 1, optim.lr=0.05 overridden: 0.02)"
+    )
+    saved = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
+    assert (saved["epochs"], saved["batch_size"], saved["optim"]["lr"]) == (1, 32, 0.02)
+
+
 def test_training_on_a_hand_built_mnist_folder(mnist_root, tmp_path, capsys):
     result = run_json(
         capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_root), "--epochs", "2",

@@ -1,8 +1,10 @@
 """How a run's options are resolved: defaults, then the tuned recipe, then a config file, then flags."""
 
+import re
+
 import pytest
 
-from cnnlab.config import RECIPES, TrainConfig, recipe_for, resolve_config
+from cnnlab.config import RECIPES, TrainConfig, recipe_for, resolve, resolve_config
 from cnnlab.errors import CnnlabError
 
 
@@ -33,7 +35,8 @@ def test_the_dataset_can_come_from_any_layer():
 def test_every_recipe_is_a_valid_config_for_its_model_and_dataset():
     for (model, dataset), recipe in RECIPES.items():
         assert recipe_for(model, dataset) == recipe
-        resolve_config({"model": model, "dataset": dataset}).validate()
+        config = resolve_config({"model": model, "dataset": dataset})  # validated inside: raises if not
+        assert config.model == model and config.dataset == dataset
 
 
 def test_a_mistake_in_a_layer_is_named():
@@ -49,3 +52,34 @@ def test_the_recipe_can_be_left_out():
 def test_an_empty_section_in_a_file_keeps_the_recipe():
     config = resolve_config({"dataset": "fashion-mnist", "optim": None})
     assert config.optim.lr == RECIPES[("lenet5", "fashion-mnist")]["optim"]["lr"]
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        ({"epochs": 0}, "--epochs must be at least 1, got 0"),
+        ({"optim": {"lr": -1.0}}, "--lr must be positive"),
+        ({"augment": {"rotate": 270.0}}, "rotation must be in [0, 180]"),
+    ],
+)
+def test_the_resolved_config_is_validated_already(layer, message):
+    with pytest.raises(CnnlabError, match=re.escape(message)):
+        resolve_config(layer)
+
+
+def test_resolution_names_the_recipe_options_in_effect_and_the_overridden_ones():
+    resolution = resolve({"optim": {"lr": 0.01}}, {"epochs": 3})
+    recipe = RECIPES[("lenet5", "digits")]
+    assert resolution.recipe_applied == {"batch_size": recipe["batch_size"], "augment.translate": 0.1}
+    assert resolution.recipe_overridden == {"epochs": (recipe["epochs"], 3), "optim.lr": (recipe["optim"]["lr"], 0.01)}
+    assert (resolution.config.epochs, resolution.config.optim.lr) == (3, 0.01)
+
+
+def test_a_layer_repeating_a_recipe_value_leaves_it_applied():
+    resolution = resolve({"epochs": RECIPES[("lenet5", "digits")]["epochs"]})
+    assert "epochs" in resolution.recipe_applied and not resolution.recipe_overridden
+
+
+def test_without_a_recipe_nothing_is_applied_or_overridden():
+    for resolution in (resolve({"epochs": 3}, recipe=False), resolve({"dataset": "mnist", "epochs": 3})):
+        assert resolution.recipe_applied == {} and resolution.recipe_overridden == {}

@@ -1,19 +1,22 @@
 """The training loop: from a configuration to a finished run directory.
 
-Read top to bottom: `fit` prepares data, model and engine, then runs
-`train_one_epoch` and `evaluate` once per epoch, saving a checkpoint after
-each, and finally tests the best model. One optimizer step is
-zero_grad -> forward -> loss -> backward -> step, inside the engine.
+Read top to bottom: `fit` sets the run up (`prepare`), starts it or puts it back
+where a checkpoint left it (`restore`), then for each epoch trains and validates
+(`run_epoch`, which calls `train_one_epoch` and `evaluate`) and saves
+(`save_epoch`), and finally tests the best model (`finish`). One optimizer step
+is zero_grad -> forward -> loss -> backward -> step, inside the engine.
 """
 
 from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 import cnnlab
 from cnnlab.config import TrainConfig
@@ -30,6 +33,45 @@ from cnnlab.train.plots import plot_confusion, plot_curves
 from cnnlab.train.progress import Progress
 from cnnlab.train.rundir import RunDirectory, code_version
 from cnnlab.train.schedule import learning_rate
+
+if TYPE_CHECKING:
+    from cnnlab.data.augment import BatchAugmenter
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    """What stays fixed while a run trains: built once by `prepare`, read by every epoch.
+
+    The generators and the weights inside change as training goes; which objects they are does not.
+    """
+
+    config: TrainConfig
+    engine: Engine  # trains engine.model, the raw weights, in place
+    data: ImageDataset  # the training split, on the training device
+    normalization: Normalization
+    steps_per_epoch: int
+    total_steps: int  # over config.epochs: the learning-rate schedule is laid over them
+    # The shuffling order has its own generator so that resuming can restore it
+    # without touching the global RNG, which dropout and initialisation use.
+    shuffle: torch.Generator
+    augmenter: BatchAugmenter | None  # None without augmentation
+    average: WeightAverage | None  # with --ema: the weights validated, saved and tested
+    progress: Progress
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights validation, checkpoints and the test use: the average with --ema, else the trained ones."""
+        return self.average.model if self.average is not None else self.engine.model
+
+
+@dataclass
+class RunState:
+    """How far a run has come: the last finished epoch, the next step, one metrics row per epoch."""
+
+    epoch: int = 0
+    step: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)
+    best_accuracy: float = -1.0  # the best validation accuracy so far; -1 before any
 
 
 @dataclass(frozen=True)
@@ -60,115 +102,163 @@ def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Chec
     splits = load_splits(
         config.dataset, _path_or_none(config.data_dir), config.val_fraction, config.seed, strict=config.strict_data
     )
-    normalization = normalization_for(splits) if resume is None else resume.normalization
-    model = create_model(config.model, splits.image_shape, len(splits.classes))
-    model_info = {"name": config.model, "in_shape": list(splits.image_shape), "num_classes": len(splits.classes)}
-    train_data, val_data, test_data = (s.to(device) for s in (splits.train, splits.val, splits.test))
-
-    # The shuffling order has its own generator so that resuming can restore it
-    # without touching the global RNG, which dropout and initialisation use.
-    shuffle = torch.Generator().manual_seed(config.seed)
-    augmenter = make_augmenter(config, device)
-    start_epoch, step, rows, best_accuracy = 0, 0, [], -1.0
-    if resume is not None:
-        saved = resume.build_model()  # checks that the weights fit the model
-        model.load_state_dict(saved.state_dict() if resume.training_state is None else resume.training_state)
-    model.to(device)
-    engine = make_engine(model, config)
-    # With --ema, validation, checkpoints and the test use the weights' moving average.
-    average = WeightAverage(model, config.ema, updates=resume.step if resume else 0) if config.ema else None
-    if average is not None and resume is not None and resume.training_state is not None:
-        average.model.load_state_dict(resume.model_state)
-    evaluated = average.model if average is not None else model
-    if resume is not None:
-        engine.load_optimizer_state(resume.optimizer_state)
-        torch.set_rng_state(resume.rng["torch"])
-        shuffle.set_state(resume.rng["shuffle"])
-        if augmenter is not None:
-            augmenter.load_state_dict({"generator": resume.rng["augment"]})
-        start_epoch, step = resume.epoch, resume.step
-        rows = [r for r in run.read_metrics() if r["epoch"] <= start_epoch]
-        best_accuracy = max((r["val_accuracy"] for r in rows), default=-1.0)
+    setup = prepare(config, splits=splits, device=device, progress=progress, resume=resume)
+    state = restore(setup, resume=resume, run=run) if resume is not None else RunState()
     run.prepare()
     # Rewritten on resume too: --epochs may have grown, and config.yaml must describe the whole run.
     run.write_config(config.to_dict())
-
-    steps_per_epoch = -(-len(train_data) // config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    val_data, test_data = splits.val.to(device), splits.test.to(device)
     progress.message(
-        f"training {config.model} on {config.dataset} ({len(train_data)} train / {len(val_data)} val / "
+        f"training {config.model} on {config.dataset} ({len(setup.data)} train / {len(val_data)} val / "
         f"{len(test_data)} test) on {device}, {config.engine} engine, into {run.path}"
     )
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        progress.start_epoch(epoch, config.epochs, steps_per_epoch)
-        started = time.perf_counter()
-        model.train()
-        order = torch.randperm(len(train_data), generator=shuffle).to(device)
-        train_loss, train_accuracy, step = train_one_epoch(
-            engine, train_data, order, normalization, config, step, total_steps, augmenter, progress, average
-        )
-        seconds = time.perf_counter() - started
-        val = evaluate(evaluated, val_data, normalization)
-        row = {
-            "epoch": epoch,
-            "lr": learning_rate(config.optim, max(step - 1, 0), steps_per_epoch, total_steps),
-            "train_loss": train_loss,
-            "train_accuracy": train_accuracy,
-            "val_loss": val.loss,
-            "val_accuracy": val.accuracy,
-            "seconds": seconds,
-            "images_per_s": len(train_data) / seconds,
-        }
-        rows.append(row)
-        checkpoint = Checkpoint(
-            model=model_info,
-            model_state=evaluated.state_dict(),
-            training_state=model.state_dict() if average is not None else None,
-            normalization=normalization,
-            classes=splits.classes,
-            dataset=config.dataset,
-            epoch=epoch,
-            step=step,
-            optimizer_state=engine.optimizer_state(),
-            rng={
-                "torch": torch.get_rng_state(),
-                "shuffle": shuffle.get_state(),
-                **({"augment": augmenter.state_dict()["generator"]} if augmenter is not None else {}),
-            },
-            config=config.to_dict(),
-            metrics={k: v for k, v in row.items()},
-        )
-        # Without a validation split, the latest epoch counts as the best one. A tie goes
-        # to the later epoch: small validation splits (digits: 144 images) often sit at
-        # the same accuracy for several epochs while the annealing schedule still improves
-        # the model, and the earliest of them tests up to 1% worse.
-        if val_data and val.accuracy >= best_accuracy or not val_data:
-            best_accuracy = val.accuracy
-            run.save_checkpoint("best", checkpoint)
-        run.save_checkpoint("last", checkpoint)
-        run.write_metrics(rows)
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        row = run_epoch(setup, state, epoch=epoch, val_data=val_data)
+        save_epoch(run, setup, state, row=row, splits=splits, has_val=len(val_data) > 0)
         progress.end_epoch(row, config.epochs)
+    return finish(
+        run,
+        splits=splits,
+        test_data=test_data,
+        normalization=setup.normalization,
+        rows=state.rows,
+        config=config,
+        device=device,
+    )
 
-    return finish(run, splits, test_data, normalization, rows, config, device)
+
+def prepare(
+    config: TrainConfig, *, splits: DatasetSplits, device: torch.device, progress: Progress, resume: Checkpoint | None
+) -> TrainSetup:
+    """The model (initialised from the seed, or with `resume`'s weights), its engine, data and generators.
+
+    The order matters for reproducibility: the model is the first thing after loading
+    the data to draw from the global RNG.
+    """
+    normalization = normalization_for(splits) if resume is None else resume.normalization
+    model = create_model(config.model, splits.image_shape, len(splits.classes))
+    data = splits.train.to(device)
+    shuffle = torch.Generator().manual_seed(config.seed)
+    augmenter = make_augmenter(config, device)
+    if resume is not None:
+        saved = resume.build_model()  # checks that the weights fit the model
+        model.load_state_dict(saved.state_dict() if resume.training_state is None else resume.training_state)
+    engine = make_engine(model.to(device), config)
+    steps_per_epoch = -(-len(data) // config.batch_size)
+    return TrainSetup(
+        config=config,
+        engine=engine,
+        data=data,
+        normalization=normalization,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.epochs,
+        shuffle=shuffle,
+        augmenter=augmenter,
+        average=_weight_average(model, config, resume),
+        progress=progress,
+    )
 
 
-def train_one_epoch(
-    engine: Engine,
-    data: ImageDataset,
-    order: torch.Tensor,
-    normalization: Normalization,
-    config: TrainConfig,
-    step: int,
-    total_steps: int,
-    augmenter,
-    progress: Progress,
-    average: WeightAverage | None = None,
-) -> tuple[float, float, int]:
-    """One pass over `data` in `order`, updating `average` after each step when given.
+def _weight_average(model: nn.Module, config: TrainConfig, resume: Checkpoint | None) -> WeightAverage | None:
+    """With --ema, the moving average of `model`'s weights: where `resume` left it, or starting from them."""
+    if not config.ema:
+        return None
+    average = WeightAverage(model, config.ema, updates=resume.step if resume else 0)
+    if resume is not None and resume.training_state is not None:
+        average.model.load_state_dict(resume.model_state)
+    return average
 
+
+def restore(setup: TrainSetup, *, resume: Checkpoint, run: RunDirectory) -> RunState:
+    """Put the optimizer and every random stream back where `resume` left them; the run's state at that point."""
+    setup.engine.load_optimizer_state(resume.optimizer_state)
+    torch.set_rng_state(resume.rng["torch"])
+    setup.shuffle.set_state(resume.rng["shuffle"])
+    if setup.augmenter is not None:
+        setup.augmenter.load_state_dict({"generator": resume.rng["augment"]})
+    rows = [r for r in run.read_metrics() if r["epoch"] <= resume.epoch]
+    best_accuracy = max((r["val_accuracy"] for r in rows), default=-1.0)
+    return RunState(epoch=resume.epoch, step=resume.step, rows=rows, best_accuracy=best_accuracy)
+
+
+def run_epoch(setup: TrainSetup, state: RunState, *, epoch: int, val_data: ImageDataset) -> dict[str, float]:
+    """Train epoch `epoch` and validate; returns its metrics row, having moved `state` on to its end."""
+    config = setup.config
+    setup.progress.start_epoch(epoch, config.epochs, setup.steps_per_epoch)
+    started = time.perf_counter()
+    setup.engine.model.train()
+    order = torch.randperm(len(setup.data), generator=setup.shuffle).to(setup.data.images.device)
+    train_loss, train_accuracy, state.step = train_one_epoch(setup, order, step=state.step)
+    seconds = time.perf_counter() - started
+    state.epoch = epoch
+    val = evaluate(setup.evaluated, val_data, setup.normalization)
+    return {
+        "epoch": epoch,
+        "lr": learning_rate(config.optim, max(state.step - 1, 0), setup.steps_per_epoch, setup.total_steps),
+        "train_loss": train_loss,
+        "train_accuracy": train_accuracy,
+        "val_loss": val.loss,
+        "val_accuracy": val.accuracy,
+        "seconds": seconds,
+        "images_per_s": len(setup.data) / seconds,
+    }
+
+
+def save_epoch(
+    run: RunDirectory,
+    setup: TrainSetup,
+    state: RunState,
+    *,
+    row: dict[str, float],
+    splits: DatasetSplits,
+    has_val: bool,
+) -> None:
+    """Record the epoch in `state` and in `run`: its metrics row, its checkpoint as "last", and as "best" if it is."""
+    state.rows.append(row)
+    checkpoint = make_checkpoint(setup, splits=splits, epoch=state.epoch, step=state.step, row=row)
+    # Without a validation split, the latest epoch counts as the best one. A tie goes
+    # to the later epoch: small validation splits (digits: 144 images) often sit at
+    # the same accuracy for several epochs while the annealing schedule still improves
+    # the model, and the earliest of them tests up to 1% worse.
+    if not has_val or row["val_accuracy"] >= state.best_accuracy:
+        state.best_accuracy = row["val_accuracy"]
+        run.save_checkpoint("best", checkpoint)
+    run.save_checkpoint("last", checkpoint)
+    run.write_metrics(state.rows)
+
+
+def make_checkpoint(
+    setup: TrainSetup, *, splits: DatasetSplits, epoch: int, step: int, row: dict[str, float]
+) -> Checkpoint:
+    """Everything to use the model (the evaluated weights) and to continue training exactly (the rest)."""
+    config = setup.config
+    return Checkpoint(
+        model={"name": config.model, "in_shape": list(splits.image_shape), "num_classes": len(splits.classes)},
+        model_state=setup.evaluated.state_dict(),
+        training_state=setup.engine.model.state_dict() if setup.average is not None else None,
+        normalization=setup.normalization,
+        classes=splits.classes,
+        dataset=config.dataset,
+        epoch=epoch,
+        step=step,
+        optimizer_state=setup.engine.optimizer_state(),
+        rng={
+            "torch": torch.get_rng_state(),
+            "shuffle": setup.shuffle.get_state(),
+            **({"augment": setup.augmenter.state_dict()["generator"]} if setup.augmenter is not None else {}),
+        },
+        config=config.to_dict(),
+        metrics=dict(row),
+    )
+
+
+def train_one_epoch(setup: TrainSetup, order: torch.Tensor, *, step: int) -> tuple[float, float, int]:
+    """One pass over `setup.data` in `order` (a permutation of its indices, on its device), from step `step`.
+
+    Updates the weight average after each step when there is one.
     Returns (mean loss, accuracy, the next step number).
     """
-    steps_per_epoch = -(-len(data) // config.batch_size)
+    data, config, augmenter, average = setup.data, setup.config, setup.augmenter, setup.average
     # Running sums stay on the device: reading them every batch would force a sync.
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.images.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.images.device)
@@ -176,11 +266,11 @@ def train_one_epoch(
         index = order[start : start + config.batch_size]
         # index_select, not labels[index]: the same rows, several times faster on a CPU.
         labels = data.labels.index_select(0, index)  # (B,) int64
-        x = normalization.apply(data.images, index)  # (B, C, H, W) float32
+        x = setup.normalization.apply(data.images, index)  # (B, C, H, W) float32
         if augmenter is not None:
             x = augmenter(x)
-        lr = learning_rate(config.optim, step, steps_per_epoch, total_steps)
-        loss, logits = engine.train_step(x, labels, lr)
+        lr = learning_rate(config.optim, step, setup.steps_per_epoch, setup.total_steps)
+        loss, logits = setup.engine.train_step(x, labels, lr)
         if not torch.isfinite(loss):
             raise CnnlabError(
                 f"the loss became {loss.item()} at step {step}: training diverged; lower --lr or set --grad-clip"
@@ -190,12 +280,13 @@ def train_one_epoch(
         loss_sum += loss.to(torch.float64) * len(labels)
         correct += (logits.argmax(dim=1) == labels).sum()
         step += 1
-        progress.batch_done(loss.item() if progress.bar else None)
+        setup.progress.batch_done(loss.item() if setup.progress.bar else None)
     return loss_sum.item() / len(data), correct.item() / len(data), step
 
 
 def finish(
     run: RunDirectory,
+    *,
     splits: DatasetSplits,
     test_data: ImageDataset,
     normalization: Normalization,
@@ -210,26 +301,37 @@ def finish(
     run.write_text("confusion_matrix.csv", _confusion_csv(test, splits.classes))
     plot_confusion(test.confusion, splits.classes, run.file("confusion_matrix.png"))
     plot_curves(rows, run.file("curves.png"))
-    run.write_json(
-        "summary.json",
-        {
-            "test_accuracy": test.evaluation.accuracy,
-            "test_loss": test.evaluation.loss,
-            "best_epoch": best.epoch,
-            "epochs": config.epochs,
-            "train_seconds": sum(r["seconds"] for r in rows),
-            "test": test.to_dict(),
-            "classes": list(splits.classes),
-            "versions": {
-                "cnnlab": cnnlab.__version__,
-                "git_commit": code_version(),
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "device": str(device),
-            },
-        },
-    )
+    summary = _summary(test, best_epoch=best.epoch, rows=rows, config=config, classes=splits.classes, device=device)
+    run.write_json("summary.json", summary)
     return RunResult(run.path, test, rows)
+
+
+def _summary(
+    test: Report,
+    *,
+    best_epoch: int,
+    rows: list[dict[str, float]],
+    config: TrainConfig,
+    classes: tuple[str, ...],
+    device: torch.device,
+) -> dict:
+    """summary.json: the test figures, which epoch they come from, and the versions that made them."""
+    return {
+        "test_accuracy": test.evaluation.accuracy,
+        "test_loss": test.evaluation.loss,
+        "best_epoch": best_epoch,
+        "epochs": config.epochs,
+        "train_seconds": sum(r["seconds"] for r in rows),
+        "test": test.to_dict(),
+        "classes": list(classes),
+        "versions": {
+            "cnnlab": cnnlab.__version__,
+            "git_commit": code_version(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "device": str(device),
+        },
+    }
 
 
 def _confusion_csv(test: Report, classes: tuple[str, ...]) -> str:

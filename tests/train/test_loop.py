@@ -143,3 +143,26 @@ def test_a_diverging_run_stops_with_advice(tmp_path):
     config.optim.lr, config.optim.schedule = 1e6, "constant"
     with pytest.raises(CnnlabError, match="training diverged; lower --lr"):
         fit(config, RunDirectory.create(tmp_path / "d", overwrite=False), Progress())
+
+
+def test_without_a_validation_split_the_latest_epoch_is_the_best(tmp_path):
+    assert train(tmp_path, "r", "--epochs", "2", "--val-fraction", "0") == 0
+    best = load_checkpoint(tmp_path / "r" / "checkpoints" / "best.pt")
+    assert best.epoch == 2
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["best_epoch"] == 2
+
+
+def test_one_epoch_takes_steps_per_epoch_steps_from_the_step_it_is_given():
+    from cnnlab.config import TrainConfig
+    from cnnlab.data.sources import load_splits
+    from cnnlab.train.loop import prepare, train_one_epoch
+    from cnnlab.train.progress import Progress
+
+    config = TrainConfig(epochs=2, batch_size=100, device="cpu")
+    splits = load_splits("digits", None, config.val_fraction, config.seed)
+    setup = prepare(config, splits=splits, device=torch.device("cpu"), progress=Progress(quiet=True), resume=None)
+    assert setup.steps_per_epoch == -(-len(splits.train) // 100) and setup.total_steps == 2 * setup.steps_per_epoch
+    order = torch.randperm(len(setup.data), generator=setup.shuffle)
+    loss, accuracy, step = train_one_epoch(setup, order, step=setup.steps_per_epoch)
+    assert step == 2 * setup.steps_per_epoch
+    assert loss > 0 and 0 <= accuracy <= 1
