@@ -27,7 +27,7 @@ from cnnlab.train.evaluate import evaluate
 from cnnlab.train.loop import fit
 from cnnlab.train.progress import Progress
 from cnnlab.train.rundir import RunDirectory
-from measure import Clock, Record, Turns, bench_splits, contender_parser
+from harness import Clock, Record, Turns, bench_splits, contender_parser
 
 
 class BudgetSpent(Exception):

@@ -1,39 +1,38 @@
-"""What cnnlab/train/fastpath.py buys: the training step, and the pool alone.
+"""What cnnlab.fast buys a training step, option by option, and where a fast step spends its time.
 
-Times cnnlab's own training step (`AutogradEngine.train_step`, driven by the
-loop's `train_one_epoch`, per-batch data handling included) on LeNet-5 with
-Fashion-MNIST batches, four ways:
+Times the autograd engine's step (`engine.train_step` on a batch gathered and
+normalized by `Normalization.apply`, as the training loop does) on LeNet-5,
+four ways, each set through the engine's own options:
 
-    eager              model(x) on the whole batch: PyTorch's max-pool and ReLU
-    fast path          tiling max-pools fused with their ReLU in compiled loops
-    fast path, sliced  the same, the batch split across the cores, one slice
-                       each (cnnlab/train/slices.py): what `cnnlab train` runs
-    one slice alone    one core's share of that (the batch / the number of
-                       cores, on one thread) while the other cores idle: sliced
+    eager              fast=False, slices=1: the model's own layers on the whole batch
+    fast path          fast=True,  slices=1: the layers cnnlab.fast.plan has kernels for
+                       run them (conv1 + ReLU + pool1, pool2 + ReLU in compiled loops)
+    fast path, sliced  fast=True,  slices=None: the batch split across the cores, one
+                       slice each (cnnlab/fast/slices.py): what `cnnlab train` runs
+    one slice alone    fast=True,  slices=1, one core's share of the batch (the batch / the
+                       number of cores) on one thread while the other cores idle: sliced
                        over this is what the cores add up to together
 
-and, on the first pool's input (N, 6, 24, 24), ReLU + max-pool forward and
-backward: torch's kernels against `cnnlab.backprop.tiled_maxpool`.
-
-Each variant runs in its own process (see `ablation` for why); they take
-turns, `--rounds` times, each timing `--steps` steps of the same batches from
-the same starting weights; the median step of each turn, then the median over
+Each variant runs in its own process: after a sliced step, OpenMP stops
+spinning between parallel regions for the rest of the process
+(cnnlab/fast/slices.py), which slows the whole-batch variants' two-thread
+operators (up to 40% in one process). They take turns (harness.run_in_turns),
+`--rounds` times, each timing `--steps` steps of the same batches from the
+same starting weights; the median step of each turn, then the median over
 turns, is reported, so a busy neighbour slows all of them alike.
 
-    python bench/fastpath.py [--batch-sizes 256,512] [--rounds 7] [--steps 40]
+    python bench/fastpath.py [--batch-sizes 256,512] [--rounds 7] [--steps 40] [--quick]
     python bench/fastpath.py --profile   # where a fast-path step spends its time
 
 --profile runs one slice of the fast path's step (the batch / the cores'
 images on one thread, as each core runs it) under torch.profiler and groups
 the operators' own CPU time by what they do (docs/performance.md quotes it).
+The compiled kernels alone, against PyTorch's operators: bench/kernels.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,43 +40,28 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from cnnlab.config import OptimConfig, TrainConfig
 from cnnlab.data.sources import load_splits, normalization_for
+from cnnlab.engine import make_engine
 from cnnlab.models import create_model
-from cnnlab.train.engine import AutogradEngine
-from cnnlab.train.fastpath import fast_forward
-from cnnlab.train.loop import train_one_epoch
-from cnnlab.train.progress import Progress
-from measure import Turns
-from run import run_in_turns
+from harness import (
+    Turns, alternate, bench_parser, default_dataset, results_path, run_in_turns, write_json, write_results,
+)
 
-VARIANTS = ("eager", "fast path", "fast path, sliced", "one slice alone")
-RESULTS = Path(__file__).parent / "results" / "fastpath.json"
-PROFILE = Path(__file__).parent / "results" / "fastpath_profile.json"
-
-
-class StepTimer(Progress):
-    """The loop reports every batch here: the time between two reports is one step."""
-
-    def __init__(self) -> None:
-        super().__init__(bar=False, quiet=True)
-        self.seconds: list[float] = []
-        self.last = time.perf_counter()
-
-    def batch_done(self, loss: float | None = None) -> None:
-        now = time.perf_counter()
-        self.seconds.append(now - self.last)
-        self.last = now
+# variant -> the engine's options
+VARIANTS = {
+    "eager": {"fast": False, "slices": 1},
+    "fast path": {"fast": True, "slices": 1},
+    "fast path, sliced": {"fast": True, "slices": None},
+    "one slice alone": {"fast": True, "slices": 1},
+}
+LR = 0.01
 
 
 def ablation(batch_size: int, steps: int, rounds: int, dataset: str) -> list[dict]:
-    """Median seconds per step of each variant, each in its own process, taking turns over `rounds`.
-
-    One process per variant: after a sliced step, OpenMP stops spinning between parallel
-    regions for the rest of the process (cnnlab/train/slices.py), which slows the
-    whole-batch variants' two-thread operators; in one process they measured up to 40% slower.
-    """
+    """Each variant's images/s and speed-up over eager, each in its own process, taking turns over `rounds`."""
     with tempfile.TemporaryDirectory() as scratch:
         arguments = ["--batch-sizes", str(batch_size), "--steps", str(steps), "--rounds", str(rounds),
                      "--dataset", dataset]  # fmt: skip
@@ -95,39 +79,54 @@ def ablation(batch_size: int, steps: int, rounds: int, dataset: str) -> list[dic
         step_s = statistics.median(result["step_s_each_round"])
         rows.append({
             "variant": variant,
+            "options": VARIANTS[variant],
             "batch_size": result["batch_size"],
             "images_per_s": round(result["batch_size"] / step_s),
             "speedup_vs_eager": round(base * result["batch_size"] / batch_size / step_s, 2),
             "step_ms_each_round": [round(1e3 * s, 2) for s in result["step_s_each_round"]],
-        })
+        })  # fmt: skip
     return rows
 
 
 def time_variant(variant: str, batch_size: int, steps: int, rounds: int, dataset: str, turns: Turns) -> dict:
     """One variant's median step in each of `rounds` turns of `steps` steps (a child process of `ablation`)."""
-    alone = variant == "one slice alone"
-    cores = torch.get_num_threads()
-    torch.manual_seed(0)  # every variant's process starts from the same weights
-    splits = load_splits(dataset, None, 0.1, 0)
-    normalization = normalization_for(splits)
-    n = min(len(splits.train), batch_size * steps)
-    train, order = splits.train.subset(torch.arange(n)), torch.arange(n)
-    config = TrainConfig(batch_size=batch_size // cores if alone else batch_size,
-                         optim=OptimConfig(lr=0.01, schedule="constant"))  # fmt: skip
-    model = create_model("lenet5", splits.image_shape, len(splits.classes))
-    engine = AutogradEngine(model, config)
-    engine.forward = model if variant == "eager" else fast_forward(model)
-    engine.slices = engine.slices if variant == "fast path, sliced" else 1
-    if alone:
+    if variant == "one slice alone":
+        batch_size //= torch.get_num_threads()
         torch.set_num_threads(1)
-    train_one_epoch(engine, train, order, normalization, config, 0, steps, None, Progress(quiet=True))  # warm-up
+    step = training_step(variant, batch_size, steps, dataset)
     medians = []
     for _ in range(rounds):
         turns.take()
-        timer = StepTimer()
-        train_one_epoch(engine, train, order, normalization, config, 0, steps, None, timer)
-        medians.append(statistics.median(timer.seconds))
-    return {"variant": variant, "batch_size": config.batch_size, "step_s_each_round": medians}
+        medians.append(statistics.median(alternate({variant: step}, steps)[variant]))
+    return {"variant": variant, "batch_size": batch_size, "step_s_each_round": medians}
+
+
+def training_step(variant: str, batch_size: int, steps: int, dataset: str, label: str | None = None):
+    """A function that runs the next of `steps` training steps of `variant` (round and round), as the
+    training loop runs one: gather and normalize the batch, then `engine.train_step`; inside a
+    profiler range named `label` when given."""
+    torch.manual_seed(0)  # every variant's process starts from the same weights
+    splits = load_splits(dataset, None, 0.1, 0)
+    normalization = normalization_for(splits)
+    images, labels = splits.train.images, splits.train.labels  # (N, C, H, W) uint8, (N,) int64
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    indices = order.repeat(-(-steps * batch_size // len(order)))[: steps * batch_size].view(steps, batch_size)
+    config = TrainConfig(batch_size=batch_size, optim=OptimConfig(lr=LR, schedule="constant"))
+    engine = make_engine(create_model("lenet5", splits.image_shape, len(splits.classes)), config, **VARIANTS[variant])
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        index = indices[done % steps]
+        done += 1
+        x = normalization.apply(images, index)  # (B, C, H, W) float32
+        if label is None:
+            engine.train_step(x, labels[index], LR)
+            return
+        with record_function(label):
+            engine.train_step(x, labels[index], LR)
+
+    return step
 
 
 # Name fragments of an operator or of any operator enclosing it -> what it does.
@@ -136,10 +135,10 @@ GROUPS = (
     ("Optimizer.", "optimizer"),
     ("convolution_backward", "conv2 backward (oneDNN)"),
     ("mkldnn_convolution", "conv2 forward (oneDNN)"),
-    ("WideConv2dBackward", "conv1 + ReLU + pool1 backward (compiled)"),
-    ("WideConv2d", "conv1 + ReLU + pool1 forward (compiled)"),
-    ("_TiledMaxPoolBackward", "pool2 + ReLU backward (compiled)"),
-    ("_TiledMaxPool", "pool2 + ReLU forward (compiled)"),
+    ("ConvPool2dBackward", "conv1 + ReLU + pool1 backward (compiled)"),
+    ("ConvPool2d", "conv1 + ReLU + pool1 forward (compiled)"),
+    ("TiledMaxPool2dBackward", "pool2 + ReLU backward (compiled)"),
+    ("TiledMaxPool2d", "pool2 + ReLU forward (compiled)"),
     ("threshold_backward", "ReLU"),
     ("relu", "ReLU"),
     ("addmm", "linear"),
@@ -153,6 +152,7 @@ GROUPS = (
     ("aten::clamp", "gradient clipping"),
     ("aten::mul_", "gradient clipping"),
 )
+STEP = "train_step"
 OUTSIDE_STEP = "batch: gather, normalize, loop"
 
 
@@ -161,7 +161,7 @@ def _classify(event) -> str:
     while parent is not None:
         chain.append(parent.name)
         parent = parent.cpu_parent
-    if "train_step" not in chain:
+    if STEP not in chain:
         return OUTSIDE_STEP
     for fragment, group in GROUPS:
         if any(fragment in name for name in chain):
@@ -174,35 +174,23 @@ def profile(batch_size: int, steps: int, dataset: str) -> dict:
 
     The slice is what each core runs in `cnnlab train`: the batch / the cores' images, on
     one thread (the profiler's parent chain, "train_step", does not cross into the slices'
-    worker threads, so the slice runs on the calling thread).
+    worker threads, so the slice runs on the calling thread: slices=1).
     """
-    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    torch.manual_seed(0)
-    splits = load_splits(dataset, None, 0.1, 0)
-    normalization = normalization_for(splits)
     cores = torch.get_num_threads()
     slice_size = max(1, batch_size // cores)
-    n = min(len(splits.train), slice_size * steps)
-    train = splits.train.subset(torch.arange(n))
-    config = TrainConfig(batch_size=slice_size, optim=OptimConfig(lr=0.01, schedule="constant"))
-    engine = AutogradEngine(create_model("lenet5", splits.image_shape, len(splits.classes)), config)
-    engine.slices = 1
     torch.set_num_threads(1)
-    order, quiet = torch.arange(n), Progress(quiet=True)
-    step = engine.train_step
-
-    def labelled_step(x: torch.Tensor, y: torch.Tensor, lr: float):
-        with record_function("train_step"):
-            return step(x, y, lr)
-
-    engine.train_step = labelled_step
-    train_one_epoch(engine, train, order, normalization, config, 0, steps, None, quiet)  # warm-up
+    step = training_step("fast path", slice_size, steps, dataset, label=STEP)
+    for _ in range(steps):  # warm-up
+        step()
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         started = time.perf_counter()
-        train_one_epoch(engine, train, order, normalization, config, 0, steps, None, quiet)
+        for _ in range(steps):
+            step()
         wall = time.perf_counter() - started
+    torch.set_num_threads(cores)
     groups: dict[str, float] = {}
     for event in prof.events():
         group = _classify(event)
@@ -210,105 +198,49 @@ def profile(batch_size: int, steps: int, dataset: str) -> dict:
     total = sum(groups.values())
     shares = {g: round(t / total, 3) for g, t in sorted(groups.items(), key=lambda kv: -kv[1])}
     for group, share in shares.items():
-        print(f"{group:<28} {100 * share:5.1f}%")
-    torch.set_num_threads(cores)
+        print(f"{group:<52} {100 * share:5.1f}%")
     print(f"{steps} steps of one slice ({slice_size} of a batch of {batch_size}, one thread): "
           f"{1e3 * wall / steps:.2f} ms per step (profiled)")  # fmt: skip
     return {"batch_size": batch_size, "slice_size": slice_size, "threads": 1, "steps": steps,
             "ms_per_step_profiled": round(1e3 * wall / steps, 2), "shares": shares}  # fmt: skip
 
 
-def pool_kernels(batch_size: int, repeats: int = 200) -> dict:
-    """Milliseconds for ReLU + 2x2 max-pool, forward and backward, on LeNet-5's first pool input."""
-    import torch.nn.functional as F
-
-    from cnnlab.backprop.tiled_maxpool import tiled_max_pool, tiled_max_pool_backward
-
-    x = torch.randn(batch_size, 6, 24, 24)  # (N, C, H, W): conv1's output
-    dout = torch.randn(batch_size, 6, 12, 12)
-    leaf = x.clone().requires_grad_()
-
-    def torch_forward():
-        return F.max_pool2d(F.relu(leaf), 2)
-
-    def torch_both():
-        torch_forward().backward(dout)
-        leaf.grad = None
-
-    switch = tiled_max_pool(x, (2, 2), relu=True)[1]
-    timings = {
-        "torch forward": lambda: torch_forward(),
-        "torch forward + backward": torch_both,
-        "compiled forward": lambda: tiled_max_pool(x, (2, 2), relu=True),
-        "compiled backward": lambda: tiled_max_pool_backward(dout, switch, (2, 2), x.shape),
-    }
-    result = {}
-    for name, work in timings.items():
-        work()
-        samples = []
-        for _ in range(5):
-            started = time.perf_counter()
-            for _ in range(repeats // 5):
-                work()
-            samples.append((time.perf_counter() - started) / (repeats // 5))
-        result[name] = round(1e3 * statistics.median(samples), 3)
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="256,512", help="comma-separated")
     parser.add_argument("--batch-size", type=int, default=384, help="for --profile (the Fashion-MNIST recipe's batch)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per variant and round")
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--profile", action="store_true", help="profile the full fast path instead")
-    parser.add_argument("--results", type=Path, help=f"where the figures go (default {RESULTS.name} or "
-                        f"{PROFILE.name} under bench/results)")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="profile one slice of the fast path instead")
     # A child process of the ablation: one variant, at the first batch size, in turns.
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--turn-fds", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    dataset = args.dataset or default_dataset()
+    if args.quick:
+        args.batch_sizes, args.rounds, args.steps = "128", 2, 3
     if args.variant:
         batch_size = int(args.batch_sizes.split(",")[0])
-        turns = Turns(args.turn_fds, [])
-        timed = time_variant(args.variant, batch_size, args.steps, args.rounds, args.dataset, turns)
-        args.out.write_text(json.dumps(timed) + "\n")
+        timed = time_variant(args.variant, batch_size, args.steps, args.rounds, dataset, Turns(args.turn_fds, []))
+        write_json(args.out, timed)
         return 0
-    results_path = args.results or (PROFILE if args.profile else RESULTS)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        result = profile(args.batch_size, args.steps, args.dataset)
-        results_path.write_text(json.dumps(result, indent=2) + "\n")
+        result = profile(args.batch_size, args.steps, dataset)
+        write_results(results_path("fastpath_profile", args.quick, args.out), {"dataset": dataset, **result})
         return 0
 
     results = []
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        rows = ablation(batch_size, args.steps, args.rounds, args.dataset)
+        rows = ablation(batch_size, args.steps, args.rounds, dataset)
         for row in rows:
             print(f"batch {batch_size:>4}  {row['variant']:<18} {row['images_per_s']:>8,} img/s  "
                   f"x{row['speedup_vs_eager']}")  # fmt: skip
         rate = {row["variant"]: row["images_per_s"] for row in rows}
         cores_together = round(rate["fast path, sliced"] / rate["one slice alone"], 2)
         print(f"batch {batch_size:>4}  {torch.get_num_threads()} cores sliced = x{cores_together} one core's images/s")
-        pool = pool_kernels(batch_size)
-        print(f"batch {batch_size:>4}  ReLU + max-pool (ms): " + ", ".join(f"{k} {v}" for k, v in pool.items()))
-        results.append({"batch_size": batch_size, "rows": rows, "relu_max_pool_ms": pool,
-                        "sliced_over_one_slice_alone": cores_together})  # fmt: skip
-    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    summary = {
-        "dataset": args.dataset,
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "results": results,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "load_average": load,
-    }
-    results_path.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"written to {results_path}")
+        results.append({"batch_size": batch_size, "rows": rows, "sliced_over_one_slice_alone": cores_together})
+    figures = {"dataset": dataset, "quick": args.quick, "rounds": args.rounds, "steps": args.steps, "results": results}
+    write_results(results_path("fastpath", args.quick, args.out), figures)
     return 0
 
 

@@ -5,14 +5,11 @@ Writes a folder of small random PNGs (10 classes), then reads it twice with
 the second finds the cache valid and loads it. Goal: the second read at least
 20x faster. Writing the PNGs is not timed.
 
-    python bench/folder_cache.py [--images 10000] [--size 32]
+    python bench/folder_cache.py [--images 10000] [--size 32] [--quick] [--out PATH]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -22,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cnnlab.atomicfile import atomic_write_text
 from cnnlab.data.folder import FolderSpec, read_image_folder
+from harness import bench_parser, results_path, write_results
 
-RESULTS = Path(__file__).parent / "results" / "folder_cache.json"
 GOAL_RATIO = 20.0
+QUICK_IMAGES = 300
 
 
 def write_pngs(root: Path, images: int, size: int, classes: int = 10, seed: int = 0) -> None:
@@ -61,26 +58,21 @@ def measure(images: int = 10_000, size: int = 32, root: Path | None = None) -> d
         "ratio": round(decode_s / cached_s, 1),
         "goal_ratio": GOAL_RATIO,
         "cache_bytes": cache_bytes,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__.splitlines()[0], dataset=False)
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=32)
     args = parser.parse_args(argv)
-    result = measure(args.images, args.size)
+    result = measure(QUICK_IMAGES if args.quick else args.images, args.size)
     print(
         f"{result['images']} PNGs of {args.size}x{args.size}: first read {result['first_read_s']:.2f} s, "
         f"cached {result['cached_read_s']:.3f} s, {result['ratio']:.0f}x (goal {GOAL_RATIO:.0f}x)"
     )
-    atomic_write_text(RESULTS, json.dumps(result, indent=2) + "\n")
-    print(f"written to {RESULTS}")
-    return 0 if result["ratio"] >= GOAL_RATIO else 1
+    write_results(results_path("folder_cache", args.quick, args.out), {**result, "quick": args.quick})
+    return 0 if args.quick or result["ratio"] >= GOAL_RATIO else 1
 
 
 if __name__ == "__main__":

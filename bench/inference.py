@@ -10,18 +10,13 @@ and argmax included) and `Predictor.predict_batch` (cnnlab predict) at batch 1
 and 256. Variants are interleaved, round after round, and the median of the
 rounds is reported, so that a busy neighbour slows all of them alike.
 
-    python bench/inference.py --out result.json [--dataset fashion-mnist] [--quick]
+    python bench/inference.py [--out result.json] [--dataset fashion-mnist] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import random
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
@@ -30,44 +25,29 @@ from cnnlab.models import create_model
 from cnnlab.predict import Predictor
 from cnnlab.train.checkpoint import Checkpoint
 from cnnlab.train.evaluate import EVAL_BATCH_SIZE, evaluate
-from cnnlab.train.fastpath import fast_forward
-from measure import bench_splits, peak_rss_mb
+from cnnlab.fast.forward import fast_forward
+from harness import (
+    alternate, bench_parser, bench_splits, calls_for, default_dataset, peak_rss_mb, results_path, write_json,
+)
 
 BATCH_SIZES = tuple(sorted({1, 256, EVAL_BATCH_SIZE, 1024}))
 
 
 def images_per_s(variants: dict, batch: int, rounds: int, seconds_per_call: float) -> dict:
-    """Median images/s of each variant over `rounds` interleaved rounds of about `seconds_per_call` each."""
-    for run in variants.values():
-        run()
-    calls = {}
-    for name, run in variants.items():
-        started = time.perf_counter()
-        run()
-        calls[name] = max(1, int(seconds_per_call / max(time.perf_counter() - started, 1e-6)))
-    rates: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for _ in range(rounds):
-        random.shuffle(names)
-        for name in names:
-            started = time.perf_counter()
-            for _ in range(calls[name]):
-                variants[name]()
-            rates[name].append(calls[name] * batch / (time.perf_counter() - started))
-    return {name: round(statistics.median(r), 1) for name, r in rates.items()}
+    """Median images/s of each variant over `rounds` alternating rounds of about `seconds_per_call` each."""
+    seconds = alternate(variants, rounds, calls_for(variants, seconds_per_call))
+    return {name: round(batch / statistics.median(s), 1) for name, s in seconds.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--dataset", default="fashion-mnist")
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--test-limit", type=int)
-    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    dataset, out = args.dataset or default_dataset(), results_path("inference", args.quick, args.out)
     rounds, seconds_per_call = (3, 0.02) if args.quick else (15, 0.2)
 
     torch.manual_seed(0)
-    splits = bench_splits(args.dataset, 2000 if args.quick else None, args.test_limit, seed=0)
+    splits = bench_splits(dataset, 2000 if args.quick else None, args.test_limit, seed=0)
     normalization = normalization_for(splits)
     model = create_model("lenet5", splits.image_shape, len(splits.classes)).eval()
     forward = fast_forward(model)
@@ -97,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         })
 
     model_info = {"name": "lenet5", "in_shape": list(splits.image_shape), "num_classes": len(splits.classes)}
-    checkpoint = Checkpoint(model_info, model.state_dict(), normalization, splits.classes, args.dataset)
+    checkpoint = Checkpoint(model_info, model.state_dict(), normalization, splits.classes, dataset)
     predictor = Predictor(checkpoint)
     whole = {
         "evaluate": lambda: evaluate(model, test, normalization),
@@ -112,14 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = {
         "model": "lenet5",
-        "dataset": args.dataset,
+        "dataset": dataset,
         "test_images": len(test),
         "forward": rows,
         "entry_points": entry_points,
         "torch_threads": torch.get_num_threads(),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     for row in rows:
         print(f"inference: batch {row['batch']:>4}  eager {row['eager_images_per_s']:>9,.0f} img/s  "
               f"cnnlab {row['cnnlab_images_per_s']:>9,.0f} img/s  x{row['speedup']}", file=sys.stderr)  # fmt: skip

@@ -1,8 +1,8 @@
 """Where oneDNN spends one slice's training step: the convolutions, and the layout reorders around them.
 
-`cnnlab train` runs each slice of a batch on one thread (cnnlab/train/slices.py).
+`cnnlab train` runs each slice of a batch on one thread (cnnlab/fast/slices.py).
 This script times that step alone (`AutogradEngine.train_step` on `--batch-size`
-images, one thread, one slice), then runs it again under oneDNN's verbose mode,
+images, one thread, `slices=1`), then runs it again under oneDNN's verbose mode,
 which reports every primitive it executes with its problem and time, and sums
 those per primitive kind, direction and shape.
 
@@ -11,9 +11,9 @@ convolution kernels work on channel blocks of 16 (8 for AVX2 kernels), so each
 convolution's input, output or gradient is converted on the way in and out.
 LeNet-5's first convolution, with 6 output channels, wrote blocks padded to 16
 channels, 2.7x its real output; it now runs cnnlab's compiled loops
-(cnnlab/backprop/wide_conv.py) and no longer appears here.
+(cnnlab/fast/conv_pool.py) and no longer appears here.
 
-    python bench/onednn_primitives.py [--batch-size 192] [--steps 20] [--out PATH]
+    python bench/onednn_primitives.py [--batch-size 192] [--steps 20] [--quick] [--out PATH]
 
 oneDNN writes its verbose lines to the process's stdout from C, so the timing
 runs in a child process whose stdout this script reads.
@@ -22,73 +22,60 @@ runs in a child process whose stdout this script reads.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
-import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-from cnnlab.atomicfile import atomic_write_text
+from harness import alternate, bench_parser, bench_splits, default_dataset, results_path, write_results
 
-RESULTS = Path(__file__).parent / "results" / "onednn_primitives.json"
 STEP_MARK = "onednn_primitives: step ms "
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=192, help="images in the slice (the recipe's 384 / 2)")
     parser.add_argument("--steps", type=int, default=20, help="steps timed, and steps traced")
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    dataset, steps = args.dataset or default_dataset(), 3 if args.quick else args.steps
     if args.child:
-        return child(args.batch_size, args.steps, args.dataset)
+        return child(args.batch_size, steps, dataset)
 
-    command = [sys.executable, __file__, "--child", "--batch-size", str(args.batch_size), "--steps", str(args.steps),
-               "--dataset", args.dataset]  # fmt: skip
+    command = [sys.executable, __file__, "--child", "--batch-size", str(args.batch_size), "--steps", str(steps),
+               "--dataset", dataset]  # fmt: skip
     output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    result = summarize(output.splitlines(), args.steps)
-    result.update(batch_size=args.batch_size, steps=args.steps, dataset=args.dataset, torch=torch.__version__)
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    result = summarize(output.splitlines(), steps)
+    result = {"batch_size": args.batch_size, "steps": steps, "dataset": dataset, "quick": args.quick, **result}
+    write_results(results_path("onednn_primitives", args.quick, args.out), result)
     print(table(result))
-    print(f"results written to {args.out}")
     return 0
 
 
 def child(batch_size: int, steps: int, dataset: str) -> int:
     """Time `steps` one-thread, one-slice steps, then trace `steps` more with oneDNN's verbose mode on."""
-    from measure import bench_splits
-
     from cnnlab.config import resolve_config
     from cnnlab.data.sources import normalization_for
+    from cnnlab.engine.autograd import AutogradEngine
     from cnnlab.models import create_model
-    from cnnlab.train.engine import AutogradEngine
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     splits = bench_splits(dataset, None, 1, 0)
     config = resolve_config({"dataset": dataset}, {"batch_size": batch_size})
     model = create_model("lenet5", splits.image_shape, len(splits.classes))
-    engine = AutogradEngine(model, config)
-    engine.slices = 1  # one slice on one thread, as each core runs it in `cnnlab train`
+    engine = AutogradEngine(model, config, slices=1)  # one slice on one thread, as each core runs it in `cnnlab train`
     x = normalization_for(splits).apply(splits.train.images[:batch_size].clone())  # (B, C, H, W) float32
     y = splits.train.labels[:batch_size]  # (B,)
 
     def step() -> None:
         engine.train_step(x, y, 0.01)
 
-    for _ in range(5):  # oneDNN creates its primitives on first use
+    for _ in range(4):  # oneDNN creates its primitives on first use (alternate adds one more)
         step()
-    seconds = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - started)
+    seconds = alternate({"step": step}, steps)["step"]
     print(f"{STEP_MARK}{1e3 * statistics.median(seconds):.4f}", flush=True)
     with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
         for _ in range(steps):

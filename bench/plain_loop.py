@@ -27,7 +27,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 
 from cnnlab.data.dataset import DatasetSplits
 from cnnlab.models import create_model
-from measure import Clock, Record, Turns, bench_splits, contender_parser, test_accuracy
+from harness import Clock, Record, Turns, bench_splits, contender_parser, test_accuracy
 
 BATCH_SIZE = 256
 EPOCHS = 15

@@ -3,14 +3,14 @@
     (a) seed recipe   the seed tutorial as written: batch 4, Adam, per-image Dataset + DataLoader
     (b) plain loop    a careful plain PyTorch loop: tensors in memory, batch 256, SGD + one-cycle
     (c) cnnlab train  cnnlab's default recipe, through its package API
-    (d) manual engine cnnlab's hand-written backprop (`--engine manual`), when it exists
+    (d) manual engine cnnlab's hand-written backprop (`--engine manual`)
 
 All four train the same LeNet-5 on the same train split and are tested on the
-same test split, each in its own process (see measure.py for the figures and
+same test split, each in its own process (see harness.py for the figures and
 how they are taken). The host's speed drifts by 20-30% over minutes, so the
 contenders do not run one after another: a round starts them together and
 hands out turns, one epoch at a time, in order (a b c d a b c d ...; see
-measure.Turns), so that every stretch of the host's drift falls on each of
+harness.Turns), so that every stretch of the host's drift falls on each of
 them alike. There are `--repeats` rounds (the seed recipe, which trains for
 the whole budget, runs in the first only); each contender's figures are the
 medians over its runs, each ratio the median of the rounds' ratios; a round's
@@ -25,44 +25,39 @@ CPU can do, and how much of it training uses.
 Each contender has a process of its own for its peak memory, and because
 contenders sharing a process do not run as they would alone: after cnnlab's
 sliced steps, OpenMP stops spinning between parallel regions process-wide
-(cnnlab/train/slices.py), and a plain loop's two-thread operators run 10-40%
+(cnnlab/fast/slices.py), and a plain loop's two-thread operators run 10-40%
 slower there.
 
     python bench/run.py [--budget 900] [--repeats 3] [--quick] [--out PATH] [--docs PATH]
 
 Results go to bench/results/<name>.json (machine, versions, command, date,
-every run) and, unless --quick, into the generated section of
-docs/performance.md.
+every run; a --quick run's to the temporary folder) and, unless --quick,
+into the generated section of docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
 import math
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import nn
 
-import cnnlab
-from cnnlab.atomicfile import atomic_write_text
 from cnnlab.data.sources import get_source
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
-from cnnlab.train.rundir import code_version
-from measure import TARGET_ACCURACY, matmul_gflops, steady_images_per_s, training_flops_per_image
+from harness import (
+    BENCH, ROOT, TARGET_ACCURACY, alternate, load_average, results_path, run_in_turns, steady_images_per_s, write_docs,
+    write_results,
+)
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
 DOCS = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- bench:begin (written by bench/run.py) -->", "<!-- bench:end -->"
 
@@ -85,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                         "figures are medians over the rounds (default 3; 1 with --quick)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny budget and data subset: checks the bench runs")
     parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--name", default=None, help="results file name (default: the dataset, or 'quick')")
-    parser.add_argument("--out", type=Path, help="results JSON path (default bench/results/<name>.json)")
+    parser.add_argument("--name", default=None, help="results file name (default: lenet5-<dataset>)")
+    parser.add_argument("--out", type=Path, help="results JSON path (default bench/results/<name>.json; with --quick, "
+                        "in the temporary folder)")  # fmt: skip
     parser.add_argument("--docs", type=Path, help=f"Markdown file for the table (default {DOCS.relative_to(ROOT)}; "
                         "not written with --quick unless given)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -96,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
 
-    name = args.name or ("quick" if args.quick else f"lenet5-{args.dataset}")
-    out = args.out or BENCH / "results" / f"{name}.json"
+    out = results_path(args.name or f"lenet5-{args.dataset}", args.quick, args.out)
     docs = args.docs or (None if args.quick else DOCS)
     budget = QUICK["budget"] if args.quick else args.budget
     limits = []
@@ -105,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         limits = ["--train-limit", str(QUICK["train_limit"]), "--test-limit", str(QUICK["test_limit"])]
 
     started = time.time()
-    load_before, cpu_before = _load_average(), cpu_times()
+    load_before, cpu_before = load_average(), cpu_times()
     matmul = matmul_gflops()
     flops = training_flops_per_image(create_model("lenet5", (1, 28, 28), 10), (1, 28, 28))
     repeats = max(1, args.repeats or (1 if args.quick else 3))
@@ -117,21 +112,18 @@ def main(argv: list[str] | None = None) -> int:
             for key, label, script, extra in CONTENDERS:
                 if key == "seed_recipe" and repeat > 0:
                     continue
-                if key == "manual" and importlib.util.find_spec("cnnlab.backprop.engine") is None:
-                    contenders[key] = {"label": label, "skipped": "cnnlab.backprop.engine does not exist yet"}
-                    continue
                 epochs = ["--epochs", str(QUICK["epochs"])] if args.quick else []
                 arguments = ["--dataset", args.dataset, "--budget", str(budget), "--seed", str(repeat), *limits,
                              *epochs, *extra]  # fmt: skip
                 jobs[key] = (script, arguments, Path(scratch) / f"{key}-{repeat}.json")
             rounds.append(over_common_epochs(run_in_turns(jobs)))
         for key, label, _, _ in CONTENDERS:
-            if key not in contenders:
-                contenders[key] = {"label": label, **medians([r[key] for r in rounds if key in r])}
-            else:
-                print(f"bench: {label} skipped: {contenders[key]['skipped']}", file=sys.stderr)
+            contenders[key] = {"label": label, **medians([r[key] for r in rounds if key in r])}
         inference_args = ["--dataset", args.dataset, *(["--quick"] if args.quick else [])]
-        inference = _run_script("inference.py", inference_args, Path(scratch) / "inference.json")
+        inference_out = Path(scratch) / "inference.json"
+        subprocess.run([sys.executable, str(BENCH / "inference.py"), "--out", str(inference_out), *inference_args],
+                       check=True, cwd=ROOT)  # fmt: skip
+        inference = json.loads(inference_out.read_text())
 
     for result in contenders.values():
         if result.get("images_per_s"):
@@ -150,62 +142,15 @@ def main(argv: list[str] | None = None) -> int:
         "contenders": contenders,
         "ratios": median_ratios([_ratios(r) for r in rounds]),
         "inference": inference,
-        "machine": _machine(),
-        "load_average": {"before": load_before, "after": _load_average()},
+        "load_average": {"before": load_before, "after": load_average()},
         "steal_share": steal_share(cpu_before, cpu_times()),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
         "wall_s": round(time.time() - started, 1),
     }
-    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
+    table = markdown(write_results(out, results, started))
     print(table)
-    print(f"results written to {out}")
     if docs is not None:
-        write_docs(docs, table)
-        print(f"table written into {docs}")
+        write_docs(docs, table, BEGIN, END)
     return 0
-
-
-def run_in_turns(jobs: dict[str, tuple[str, list[str], Path]]) -> dict[str, dict]:
-    """Run the contender scripts at once, one epoch at a time each, in turn; their results by key.
-
-    Each gets two pipes (measure.Turns): it writes a byte to DONE when it is
-    ready to train and after every epoch, and waits for a byte on GO to start
-    the next. A contender that exits (finished, or failed) closes DONE and
-    leaves the rotation.
-    """
-    running = {}
-    for key, (script, arguments, out) in jobs.items():
-        go_read, go_write = os.pipe()
-        done_read, done_write = os.pipe()
-        command = [sys.executable, str(BENCH / script), "--out", str(out), "--turn-fds", f"{go_read},{done_write}"]
-        # stderr passes through: the contenders print one line per epoch, and only one trains at a time.
-        process = subprocess.Popen([*command, *arguments], cwd=ROOT, pass_fds=(go_read, done_write))
-        os.close(go_read)
-        os.close(done_write)
-        running[key] = (process, go_write, done_read)
-    # Everyone ready (data loaded, model built) before the first turn, so no one's loading overlaps a turn.
-    rotation = [key for key, (_, _, done) in running.items() if os.read(done, 1)]
-    while rotation:
-        for key in list(rotation):
-            _, go, done = running[key]
-            try:
-                os.write(go, b".")
-                ended = bool(os.read(done, 1))
-            except BrokenPipeError:
-                ended = False
-            if not ended:
-                rotation.remove(key)
-    results = {}
-    for key, (process, go, done) in running.items():
-        os.close(go)
-        os.close(done)
-        status = process.wait()
-        script, _, out = jobs[key]
-        failed = {"error": f"{script} exited with status {status}"}
-        results[key] = json.loads(out.read_text()) if status == 0 else failed
-    return results
 
 
 def over_common_epochs(results: dict[str, dict]) -> dict[str, dict]:
@@ -262,11 +207,6 @@ def median_ratios(rounds: list[dict]) -> dict:
     return merged
 
 
-def _run_script(script: str, arguments: list[str], out: Path) -> dict:
-    subprocess.run([sys.executable, str(BENCH / script), "--out", str(out), *arguments], check=True, cwd=ROOT)
-    return json.loads(out.read_text())
-
-
 def _ratios(contenders: dict) -> dict:
     def ratio(top: str, bottom: str, field: str, invert: bool = False) -> float | None:
         a, b = contenders.get(top, {}).get(field), contenders.get(bottom, {}).get(field)
@@ -293,32 +233,43 @@ def _ratios(contenders: dict) -> dict:
     }
 
 
-def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
+def training_flops_per_image(model: nn.Module, in_shape: tuple[int, int, int]) -> float:
+    """Floating-point operations to train on one image: 3 x the forward pass's 2 x multiply-adds.
+
+    Counts Conv2d and Linear layers only (pooling, ReLU and the loss are a
+    fraction of a percent). The factor 3 (forward, input gradient, weight
+    gradient) slightly overcounts the first conv, whose input needs no gradient.
+    """
+    macs = 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            macs += output[0].numel() * per_output
+        elif isinstance(module, nn.Linear):
+            macs += module.in_features * module.out_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+        with torch.no_grad():
+            model(torch.zeros(1, *in_shape))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return 3 * 2 * macs
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 20) -> dict:
+    """float32 matrix multiply speed on this CPU, with the threads torch uses: best and median of `repeats`."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = alternate({"matmul": lambda: a @ b}, repeats)["matmul"]
+    flops = 2 * size**3
     return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cnnlab": cnnlab.__version__,
-        "git_commit": code_version(),
+        "size": size,
+        "best_gflops": round(flops / min(seconds) / 1e9, 1),
+        "median_gflops": round(flops / statistics.median(seconds) / 1e9, 1),
     }
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def cpu_times(stat: str | None = None) -> tuple[int, int] | None:
@@ -386,8 +337,8 @@ def markdown(results: dict) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for result in results["contenders"].values():
-        if "skipped" in result or "error" in result:
-            lines.append(f"| {result['label']} | {result.get('skipped') or result.get('error')} ||||||| ")
+        if "error" in result:
+            lines.append(f"| {result['label']} | {result['error']} ||||||| ")
             continue
         reached = result["time_to_target_s"]
         lines.append(
@@ -446,16 +397,6 @@ def _each_round(values: list[float | None]) -> str:
 
 def _times(value: float | None) -> str:
     return "-" if value is None else f"x{value}"
-
-
-def write_docs(path: Path, table: str) -> None:
-    """Replace the generated section of `path` (between the markers), keeping the hand-written text."""
-    text = path.read_text() if path.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    atomic_write_text(path, f"{head}{BEGIN}\n{table}\n{END}{tail}")
 
 
 if __name__ == "__main__":

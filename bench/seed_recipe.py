@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn, optim
 from torch.utils.data import DataLoader, Dataset
 
-from measure import Clock, Record, Turns, bench_splits, contender_parser, test_accuracy
+from harness import Clock, Record, Turns, bench_splits, contender_parser, test_accuracy
 
 BATCH_SIZE = 4
 EPOCHS = 200

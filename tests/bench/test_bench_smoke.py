@@ -1,9 +1,10 @@
-"""The bench still runs: `bench/run.py --quick` on the built-in digits, its result file checked.
+"""`make bench` still runs: `bench/run.py --quick` on the built-in digits, its result file checked.
 
 The figures of a quick run mean nothing (a few seconds of training on a small
 dataset); real figures come from `make bench`. What is checked is the shape:
 every contender present, with positive speeds and accuracies that are
-accuracies, so that the bench cannot rot unnoticed.
+accuracies, so that the bench cannot rot unnoticed. The other scripts'
+quick modes: test_scripts.py.
 """
 
 import json
@@ -13,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTENDERS = ("seed_recipe", "plain_loop", "cnnlab", "manual")
@@ -23,8 +23,7 @@ pytestmark = pytest.mark.timeout(300)
 
 def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
     out, docs = tmp_path / "bench.json", tmp_path / "performance.md"
-    command = [sys.executable, "bench/run.py", "--quick", "--repeats", "2", "--dataset", "digits", "--out", str(out),
-               "--docs", str(docs)]  # fmt: skip
+    command = [sys.executable, "bench/run.py", "--quick", "--dataset", "digits", "--out", str(out), "--docs", str(docs)]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-3000:]
 
@@ -32,42 +31,40 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
     assert set(results["contenders"]) == set(CONTENDERS)
     for key in CONTENDERS:
         contender = results["contenders"][key]
-        if key == "manual" and "skipped" in contender:
-            continue
         assert "error" not in contender, contender
         assert contender["images_per_s"] > 0 and contender["gflops"] > 0
         assert 0 <= contender["final_test_accuracy"] <= 1
-        runs = contender["runs"]  # round r trains from seed r; the seed recipe runs in the first round only
-        assert [run["seed"] for run in runs] == ([0] if key == "seed_recipe" else [0, 1])
+        runs = contender["runs"]  # one round (--quick), from seed 0
+        assert [run["seed"] for run in runs] == [0]
         for run in runs:
             assert run["epochs"] and all(0 <= e["test_accuracy"] <= 1 for e in run["epochs"])
         assert contender["images_per_s"] == statistics.median_low(run["images_per_s"] for run in runs)
         assert contender["peak_rss_mb"] > 0
     # A round's images/s are medians over the epochs all its contenders ran, the first left out when
     # there are more (the seed recipe's budget may stop it within its first epoch).
-    for seed in (0, 1):
-        runs = [run for c in results["contenders"].values() for run in c.get("runs", []) if run["seed"] == seed]
-        common = min(len(run["epochs"]) for run in runs)
-        assert all(run["steady_epochs"] == [min(2, common), common] for run in runs)
+    runs = [run for c in results["contenders"].values() for run in c["runs"]]
+    common = min(len(run["epochs"]) for run in runs)
+    assert all(run["steady_epochs"] == [min(2, common), common] for run in runs)
     # The contenders of a round ran at once but trained in turns: one turn per epoch, and no two
     # turns overlap.
     turns = []
     for key in CONTENDERS:
-        if "runs" in results["contenders"][key]:
-            run = results["contenders"][key]["runs"][0]  # the first round
-            assert len(run["turns"]) == len(run["epochs"]) + 1  # the last turn ends with the process
-            turns += [(start, end, key) for start, end in run["turns"][:-1]]
+        run = results["contenders"][key]["runs"][0]
+        assert len(run["turns"]) == len(run["epochs"]) + 1  # the last turn ends with the process
+        turns += [(start, end, key) for start, end in run["turns"][:-1]]
     turns.sort()
     assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(turns, turns[1:])), turns
-    assert {key for _, _, key in turns[:3]} == {"seed_recipe", "plain_loop", "cnnlab"}  # in rotation, from the start
+    assert {key for _, _, key in turns[:4]} == set(CONTENDERS)  # in rotation, from the start
     assert results["matmul"]["best_gflops"] > 0 and results["training_flops_per_image"] > 1e6
     for row in results["inference"]["forward"]:
         assert row["eager_images_per_s"] > 0 and row["cnnlab_images_per_s"] > 0
         assert row["max_abs_logit_difference"] < 1e-4
     assert results["machine"]["torch"] and results["date"] and "run.py" in results["command"]
+    assert results["ratios"]["d/c"]["throughput"] > 0 and results["ratios"]["c/b"]["throughput"] > 0
 
     text = docs.read_text()
-    assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text and "| c/b |" in text
+    assert "<!-- bench:begin" in text and "| (c) cnnlab train |" in text and "| (d) cnnlab --engine manual |" in text
+    assert "| c/b |" in text and "| d/c |" in text
     assert "the median over the epochs every contender of the round ran, the first left out (" in text
     if Path("/proc/stat").exists():  # Linux: the hypervisor's share of the CPU time is read before and after
         assert 0 <= results["steal_share"] < 1 and "of the CPU time (steal)" in text
@@ -75,7 +72,7 @@ def test_a_quick_bench_reports_every_contender_and_inference(tmp_path):
 
 def test_images_per_s_are_taken_over_the_epochs_every_contender_of_the_round_ran(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    from measure import steady_images_per_s
+    from harness import steady_images_per_s
     from run import over_common_epochs
 
     def run(rates):
@@ -111,7 +108,7 @@ def test_a_time_to_target_that_only_one_side_reached_is_a_bound_or_said_as_such(
 
 def test_a_contender_that_fails_leaves_the_rotation_and_the_others_finish(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    from run import run_in_turns
+    from harness import run_in_turns
 
     quick = ["--dataset", "digits", "--epochs", "2", "--budget", "30"]
     jobs = {
@@ -146,47 +143,6 @@ def test_figures_over_rounds_are_medians_and_a_target_not_reached_counts_as_slow
     merged = median_ratios(rounds)["c/b"]
     assert merged["throughput"] == 1.4 and merged["time_to_target_speedup"] == 1.6
     assert merged["throughput_each_round"] == [1.2, 1.6, 1.4]
-
-
-def test_the_onednn_breakdown_finds_every_convolution_pass_and_the_reorders(tmp_path):
-    out = tmp_path / "onednn.json"
-    command = [sys.executable, "bench/onednn_primitives.py", "--dataset", "digits", "--batch-size", "64",
-               "--steps", "3", "--out", str(out)]  # fmt: skip
-    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-
-    result = json.loads(out.read_text())
-    assert result["step_ms"] > 0 and result["batch_size"] == 64
-    rows = result["rows"]
-    convolutions = {row["what"].split(" ")[0] for row in rows if row["primitive"] == "convolution"}
-    assert convolutions == {"forward_training", "backward_data", "backward_weights"}
-    # LeNet-5's second convolution (6 -> 16 channels), on the slice of 64 images; the first runs
-    # cnnlab's compiled loops, not oneDNN.
-    assert any(row["primitive"] == "convolution" and row["problem"].startswith("mb64_ic6oc16") for row in rows)
-    assert not any(row["problem"].startswith("mb64_ic1oc6") for row in rows)
-    assert any(row["primitive"] == "reorder" and " -> " in row["what"] for row in rows)
-    assert all(row["ms_per_step"] >= 0 for row in rows)
-    assert result["onednn_ms_per_step"] == pytest.approx(sum(row["ms_per_step"] for row in rows), abs=1e-2)
-    assert "| convolution |" in finished.stdout
-
-
-def test_the_fast_path_ablation_times_every_variant_in_its_own_process_in_turns(tmp_path):
-    out = tmp_path / "fastpath.json"
-    command = [sys.executable, "bench/fastpath.py", "--dataset", "digits", "--batch-sizes", "128", "--rounds", "2",
-               "--steps", "3", "--results", str(out)]  # fmt: skip
-    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-
-    [result] = json.loads(out.read_text())["results"]
-    rows = {row["variant"]: row for row in result["rows"]}
-    assert set(rows) == {"eager", "fast path", "fast path, sliced", "one slice alone"}
-    assert all(row["images_per_s"] > 0 and len(row["step_ms_each_round"]) == 2 for row in rows.values())
-    assert rows["eager"]["speedup_vs_eager"] == 1.0
-    # one core's share: the batch over the intra-op threads (the cores) the children start with
-    assert rows["one slice alone"]["batch_size"] == 128 // torch.get_num_threads()
-    assert rows["fast path, sliced"]["batch_size"] == 128
-    assert result["sliced_over_one_slice_alone"] > 0
-    assert "cores sliced = x" in finished.stdout
 
 
 def test_steal_is_read_from_proc_stat_and_taken_as_a_share_of_all_cpu_time(monkeypatch):
