@@ -22,7 +22,7 @@ import torch
 
 from cnnlab.data.sources import normalization_for
 from cnnlab.models import create_model
-from cnnlab.predict import Predictor
+from cnnlab.tools.predict import Predictor
 from cnnlab.train.checkpoint import Checkpoint
 from cnnlab.train.evaluate import EVAL_BATCH_SIZE, evaluate
 from cnnlab.fast.forward import fast_forward

@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cnnlab"
 
-# Lowest first. The base modules are tools every layer may use (the error type, the typed
+# Lowest first. The base modules are helpers every layer may use (the error type, the typed
 # configuration, atomic writes, the numba decorator); they import nothing above them either.
 LAYERS = [
     {"cnnlab", "cnnlab.errors", "cnnlab.config", "cnnlab.atomicfile", "cnnlab.compiled"},
@@ -22,7 +22,7 @@ LAYERS = [
     {"cnnlab.backprop"},
     {"cnnlab.engine"},
     {"cnnlab.train"},
-    {"cnnlab.predict"},
+    {"cnnlab.tools"},
     {"cnnlab.cli", "cnnlab.__main__"},
 ]
 

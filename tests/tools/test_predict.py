@@ -3,7 +3,7 @@
 import torch
 
 from cnnlab.data.sources import load_splits
-from cnnlab.predict import Predictor
+from cnnlab.tools.predict import Predictor
 
 
 def test_predictions_are_the_models_softmax_top_k(trained_run):
