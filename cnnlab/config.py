@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ class OptimConfig:
     grad_clip: float = 2.0
 
     def validate(self) -> None:
+        _check_finite(self)
         if self.name not in OPTIMIZERS:
             raise CnnlabError(f"unknown optimizer '{self.name}': choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -81,6 +83,7 @@ class AugmentConfig:
         return bool(self.crop_padding or self.flip or self.rotate or self.translate or self.scale or self.erase)
 
     def validate(self) -> None:
+        _check_finite(self)
         if self.crop_padding < 0:
             raise CnnlabError(f"crop padding must be >= 0, got {self.crop_padding}")
         if not 0 <= self.rotate <= 180:
@@ -113,6 +116,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self) -> None:
+        _check_finite(self)
         if self.epochs < 1:
             raise CnnlabError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -144,6 +148,20 @@ class TrainConfig:
         config = _dataclass_from(cls, data, origin)
         config.optim, config.augment = optim, augment
         return config
+
+
+# The flags whose name is not the field's with dashes; betas has no flag, only its YAML name.
+_FLAG_NAMES = {"warmup_fraction": "--warmup", "betas": "optim.betas"}
+
+
+def _check_finite(section: Any) -> None:
+    """Refuse inf and nan in any float option: range checks like `lr > 0` let inf through,
+    and the run would only fail at its first step, with a run folder made."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+            flag = _FLAG_NAMES.get(f.name, f"--{f.name.replace('_', '-')}")
+            raise CnnlabError(f"{flag} must be a finite number, got {value}")
 
 
 # Tuned starting points: the options a (model, dataset) pair gets on top of the

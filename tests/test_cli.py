@@ -210,7 +210,8 @@ def test_missing_data_files_say_how_to_get_them(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(sources, "SYSTEM_DATA_DIR", tmp_path / "system")
     argv = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "none"), "--runs-dir", str(tmp_path), "--name", "x"]
-    fails_cleanly(capsys, argv, "dataset 'mnist' not found")
+    fails_cleanly(capsys, argv, "has no folder 'mnist'")
+    assert not (tmp_path / "x").exists()  # refused before the run folder is made
 
 
 def test_an_existing_run_is_not_overwritten(trained_run, capsys):

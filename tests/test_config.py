@@ -83,3 +83,29 @@ def test_a_layer_repeating_a_recipe_value_leaves_it_applied():
 def test_without_a_recipe_nothing_is_applied_or_overridden():
     for resolution in (resolve({"epochs": 3}, recipe=False), resolve({"dataset": "mnist", "epochs": 3})):
         assert resolution.recipe_applied == {} and resolution.recipe_overridden == {}
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        ({"optim": {"lr": float("inf")}}, "--lr must be a finite number, got inf"),
+        ({"optim": {"lr": float("nan")}}, "--lr must be a finite number, got nan"),
+        ({"optim": {"grad_clip": float("inf")}}, "--grad-clip must be a finite number, got inf"),
+        ({"optim": {"warmup_fraction": float("nan")}}, "--warmup must be a finite number"),
+        ({"optim": {"betas": [0.9, float("inf")]}}, "optim.betas must be a finite number"),
+        ({"label_smoothing": float("-inf")}, "--label-smoothing must be a finite number, got -inf"),
+        ({"augment": {"translate": float("nan")}}, "--translate must be a finite number"),
+    ],
+)
+def test_non_finite_values_are_refused_by_name(layer, message):
+    with pytest.raises(CnnlabError, match=re.escape(message)):
+        resolve_config(layer)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_train_with_a_non_finite_lr_exits_2_before_making_a_run_folder(tmp_path, capsys, value):
+    from cnnlab.cli import main
+
+    assert main(["train", f"--lr={value}", "--epochs", "1", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert f"--lr must be a finite number, got {value}" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

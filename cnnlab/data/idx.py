@@ -23,35 +23,55 @@ from cnnlab.errors import CnnlabError
 _UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
 # An IDX file larger than this is not one of the datasets cnnlab reads; refusing
-# early keeps a hostile header or gzip bomb from exhausting memory.
+# early keeps a hostile header from exhausting memory.
 MAX_IDX_BYTES = 1 << 30
 
 
 def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
-    """Return the array in `path`: uint8, with `expected_ndim` dimensions."""
-    raw = _read_bytes(path)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+    """Return the array in `path`: uint8, with `expected_ndim` dimensions.
+
+    The header is read and checked first; the data is then read in chunks up to one
+    byte past what the header declares, so a gzip bomb (a small file that unpacks to
+    far more) is refused as soon as it passes the declared size, not after inflating.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != _GZIP_MAGIC:
+                f.seek(0)
+                return _read_idx_stream(f, path, expected_ndim)
+            f.seek(0)
+            with gzip.GzipFile(fileobj=f) as unzipped:
+                return _read_idx_stream(unzipped, path, expected_ndim)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CnnlabError(f"cannot read {path}: {exc}; download the file again") from None
+
+
+def _read_idx_stream(stream: BinaryIO, path: Path, expected_ndim: int) -> np.ndarray:
+    magic = _read_at_most(stream, 4)
+    if len(magic) < 4 or magic[0] != 0 or magic[1] != 0:
         raise CnnlabError(f"{path} is not an IDX file (bad magic number): replace it with the original download")
-    type_code, ndim = raw[2], raw[3]
+    type_code, ndim = magic[2], magic[3]
     if type_code != _UBYTE:
         raise CnnlabError(f"{path} holds IDX type 0x{type_code:02x}; cnnlab reads unsigned-byte (0x08) files only")
     if ndim != expected_ndim:
         raise CnnlabError(f"{path} has {ndim} dimensions, expected {expected_ndim}: is it the right file?")
-    header_end = 4 + 4 * ndim
-    if len(raw) < header_end:
+    dims = _read_at_most(stream, 4 * ndim)
+    if len(dims) < 4 * ndim:
         raise CnnlabError(f"{path} is truncated inside its header: download it again")
-    shape = struct.unpack(f">{ndim}I", raw[4:header_end])
+    shape = struct.unpack(f">{ndim}I", dims)
     # Python's exact integers: np.prod in int64 wraps, and a header of 2**31 x 2**31 x 4
     # would claim 0 bytes and slip past the checks below.
     count = math.prod(shape)
     if count > MAX_IDX_BYTES:
         raise CnnlabError(f"{path} claims {count} bytes of data (shape {shape}), more than cnnlab accepts: the header is corrupt")
-    if len(raw) - header_end != count:
+    data = _read_at_most(stream, count + 1)
+    if len(data) != count:
+        found = f"more than {count}" if len(data) > count else str(len(data))
         raise CnnlabError(
-            f"{path} has {len(raw) - header_end} data bytes but its header says {count} (shape {shape}): "
+            f"{path} has {found} data bytes but its header says {count} (shape {shape}): "
             "the file is truncated or corrupt, download it again"
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_end).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,20 +84,6 @@ def read_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, t
             "the two files do not belong together"
         )
     return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
-
-
-def _read_bytes(path: Path) -> bytes | bytearray:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(2)
-            f.seek(0)
-            if head != _GZIP_MAGIC:
-                return _read_at_most(f, MAX_IDX_BYTES + 1024)
-            with gzip.GzipFile(fileobj=f) as unzipped:
-                # Read at most the limit plus a header: a gzip bomb stops here.
-                return _read_at_most(unzipped, MAX_IDX_BYTES + 1024)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise CnnlabError(f"cannot read {path}: {exc}; download the file again") from None
 
 
 def _read_at_most(stream: BinaryIO, limit: int) -> bytearray:

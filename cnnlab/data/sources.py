@@ -29,10 +29,14 @@ SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 
 
 def data_roots(data_dir: Path | None) -> list[Path]:
-    """The folders searched for dataset sub-folders, first match wins."""
+    """The folders searched for dataset sub-folders, first match wins.
+
+    A folder the user names (`--data-dir`) is the only one: falling back to another
+    would train on data the user did not ask for.
+    """
     if data_dir is not None:
-        roots = [Path(data_dir)]
-    elif os.environ.get("CNNLAB_DATA"):
+        return [Path(data_dir)]
+    if os.environ.get("CNNLAB_DATA"):
         roots = [Path(os.environ["CNNLAB_DATA"])]
     else:
         roots = [Path.home() / ".cache" / "cnnlab" / "data"]
@@ -69,11 +73,27 @@ class DatasetSource:
     def load(self, data_dir: Path | None) -> tuple[ImageDataset, ImageDataset]:
         if not self.files:
             return self.read(None)
+        if data_dir is not None:
+            self._check_named_folder(Path(data_dir))
         folder = self.find(data_dir)
         if folder is None:
             searched = ", ".join(str(r / self.name) for r in data_roots(data_dir))
             raise CnnlabError(f"dataset '{self.name}' not found (looked in {searched}): {self.how_to_get}")
         return self.read(folder)
+
+
+    def _check_named_folder(self, data_dir: Path) -> None:
+        """Raise a CnnlabError naming what `--data-dir` lacks: the dataset's folder, or which of its files."""
+        folder = data_dir / self.name
+        if not folder.is_dir():
+            hint = " (it holds the files itself: pass its parent folder)" if _all_present(data_dir, self.files) else ""
+            raise CnnlabError(
+                f"--data-dir {data_dir} has no folder '{self.name}'{hint}: {folder} does not exist; {self.how_to_get}"
+            )
+        missing = [name for name in self.files if _find_file(folder, name) is None]
+        if missing and not (self.unpacked and _all_present(folder, self.unpacked)):
+            forms = "or its unpacked files" if self.unpacked else ".gz or raw"
+            raise CnnlabError(f"{folder} lacks {', '.join(missing)} ({forms}): {self.how_to_get}")
 
 
 _SOURCES: dict[str, DatasetSource] = {}

@@ -8,10 +8,19 @@ used from then on) and `training_state` holds the raw weights training
 continues from.
 It loads with `torch.load(weights_only=True)`, so a hostile file cannot run
 code, and it is written atomically.
+
+Each checkpoint NAME.pt has a sidecar NAME.pt.sha256 (in `sha256sum` format, so
+`sha256sum -c` checks it too) written atomically after it; loading verifies the
+bytes against it and refuses a file that changed since. A sidecar rather than a
+digest inside the file: the file stays a plain `torch.save` zip that any tool can
+read, and the digest covers every byte of it. A checkpoint without a sidecar (an
+older one, or one whose writer was killed between the two renames) loads unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -21,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlab.atomicfile import atomic_open
+from cnnlab.atomicfile import atomic_copy, atomic_write_bytes, atomic_write_text
 from cnnlab.data.dataset import Normalization
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
@@ -85,8 +94,53 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "metrics": checkpoint.metrics,
         "training_state": _on_cpu(checkpoint.training_state),
     }
-    with atomic_open(path) as f:
-        torch.save(payload, f)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    path = Path(path)
+    digest = hashlib.sha256(data).hexdigest()
+    # Three atomic steps, and a kill between any two leaves a file that matches its sidecar:
+    # the sidecar first lists the new digest beside the old ones, then the file is replaced,
+    # then the sidecar keeps the new digest alone.
+    _write_digests(path, [digest, *_digests_of(path)])
+    atomic_write_bytes(path, data)
+    _write_digests(path, [digest])
+
+
+def copy_checkpoint(source: Path, target: Path) -> None:
+    """Make checkpoint `target` (and its sidecar) a copy of `source`, atomically, in the order `save_checkpoint` uses."""
+    digests = _digests_of(source)
+    _write_digests(target, [*digests, *_digests_of(target)])
+    atomic_copy(source, target)
+    _write_digests(target, digests)
+
+
+def _digests_of(path: Path) -> list[str]:
+    """The digests `path`'s current bytes may have: its sidecar's, or computed for a file without one."""
+    sidecar = digest_path(path)
+    if sidecar.is_file():
+        return _recorded_digests(sidecar)
+    return [hashlib.sha256(path.read_bytes()).hexdigest()] if Path(path).is_file() else []
+
+
+def _write_digests(path: Path, digests: list[str]) -> None:
+    unique = list(dict.fromkeys(digests))
+    atomic_write_text(digest_path(path), "".join(f"{d}  {Path(path).name}\n" for d in unique))
+
+
+def _recorded_digests(sidecar: Path) -> list[str]:
+    """The SHA-256 digests listed in `sidecar`; [] when it is unreadable or malformed."""
+    try:
+        lines = sidecar.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    digests = [line.split()[0].lower() for line in lines if line.split()]
+    return digests if digests and all(len(d) == 64 for d in digests) else []
+
+
+def digest_path(path: Path) -> Path:
+    """Where the SHA-256 of checkpoint `path` is kept: NAME.pt -> NAME.pt.sha256."""
+    return Path(path).with_name(Path(path).name + ".sha256")
 
 
 def _on_cpu(state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
@@ -98,10 +152,23 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not path.is_file():
         raise CnnlabError(f"checkpoint {path} does not exist: pass a .pt file or a run directory")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CnnlabError(f"{path} is not a readable cnnlab checkpoint ({reason[:200]}): it is corrupt or of another kind") from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CnnlabError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    _verify_digest(path, data)
+    try:
+        # From the bytes just verified, not the path: the file could change in between.
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower():
+            # torch's message suggests weights_only=False, which would let the file run code: never pass that on.
+            raise CnnlabError(
+                f"{path} is not a readable cnnlab checkpoint: it holds objects other than tensors and plain values, "
+                "which are unsafe to load; use a checkpoint written by `cnnlab train`"
+            ) from None
+        raise CnnlabError(f"{path} is not a readable cnnlab checkpoint ({_reason(exc)}): it is corrupt or of another kind") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CnnlabError(f"{path} is not a readable cnnlab checkpoint ({_reason(exc)}): it is corrupt or of another kind") from None
     if not isinstance(payload, dict) or _FORMAT_KEY not in payload:
         raise CnnlabError(f"{path} is not a cnnlab checkpoint (no format marker): pass a file written by `cnnlab train`")
     if payload[_FORMAT_KEY] > FORMAT_VERSION:
@@ -123,6 +190,28 @@ def load_checkpoint(path: Path) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CnnlabError(f"{path} is an incomplete cnnlab checkpoint (missing {exc}): it is corrupt") from None
+
+
+def _verify_digest(path: Path, data: bytes) -> None:
+    """Raise a CnnlabError if `path` has a digest sidecar and `data` does not match it."""
+    sidecar = digest_path(path)
+    if not sidecar.exists():
+        return
+    recorded = _recorded_digests(sidecar)
+    if not recorded:
+        raise CnnlabError(f"{sidecar} is not a SHA-256 line: {path} cannot be verified; delete {sidecar.name} to load it unverified")
+    if hashlib.sha256(data).hexdigest() not in recorded:
+        raise CnnlabError(
+            f"{path} is corrupt: its bytes do not match the SHA-256 in {sidecar.name} "
+            "(the file changed after it was written); use another checkpoint"
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's message, short, without torch's advice to load unsafely."""
+    lines = str(exc).strip().splitlines()
+    reason = lines[0][:200] if lines else type(exc).__name__
+    return type(exc).__name__ if "weights_only" in reason else reason
 
 
 def resolve_checkpoint_path(run_or_checkpoint: Path) -> Path:

@@ -5,11 +5,19 @@ where a checkpoint left it (`restore`), then for each epoch trains and validates
 (`run_epoch`, which calls `train_one_epoch` and `evaluate`) and saves
 (`save_epoch`), and finally tests the best model (`finish`). One optimizer step
 is zero_grad -> forward -> loss -> backward -> step, inside the engine.
+
+SIGINT and SIGTERM do not cut a run short at a random point: while `fit` runs, the
+first one lets the epoch in progress finish and be saved, then stops with
+`Interrupted` (a checkpoint holds the state at an epoch's end, which is where a
+run resumes exactly); a second one stops at once, keeping the files already saved.
 """
 
 from __future__ import annotations
 
 import platform
+import shlex
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,8 +103,104 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM. str(): the one line to show; exit_status: 128 + the signal's number.
+
+    A KeyboardInterrupt, so that `except Exception` on the way up does not swallow it.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+class StopRequests:
+    """While in effect (a `with` block in the main thread), SIGINT and SIGTERM ask training to stop.
+
+    The first signal is recorded in `signum`; a second raises KeyboardInterrupt at
+    once. The handlers in place before are restored when the block ends.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.saved = 0  # the last epoch whose checkpoint is on disk, for the message of a stop
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # only it may set handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not first:
+            raise KeyboardInterrupt
+
+
 def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Checkpoint | None = None) -> RunResult:
-    """Train `config` into `run`; with `resume`, continue from that checkpoint exactly."""
+    """Train `config` into `run`; with `resume`, continue from that checkpoint exactly.
+
+    Raises `Interrupted` when SIGINT or SIGTERM stops it (see the module's docstring).
+    """
+    if resume is not None:
+        check_resumable(config, resume, run)
+    with StopRequests() as stop:
+        try:
+            return _fit(config, run, progress, resume, stop)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            raise Interrupted(stop.signum or signal.SIGINT, _stopped_message(run, config, stop.saved, at_once=True)) from None
+
+
+def check_resumable(config: TrainConfig, resume: Checkpoint, run: RunDirectory) -> None:
+    """Refuse a resume that cannot continue `resume` exactly, or has nothing left to do.
+
+    One-cycle and cosine schedules are laid over the run's planned length: another
+    --epochs would change the rate of every step still to run, and config.yaml would
+    describe a schedule no step followed. A run whose epochs are all done but which
+    was stopped before its test resumes to run the test.
+    """
+    done, schedule = resume.epoch, config.optim.schedule
+    planned = int((resume.config or {}).get("epochs", done))
+    if config.epochs == done and run.is_finished() or config.epochs < done:
+        advice = (
+            f"its {schedule} schedule was laid over {planned} epochs, so more cannot continue it exactly: "
+            "start a new run with the --epochs you want"
+            if schedule in ("onecycle", "cosine")
+            else f"pass --epochs N with N > {done}"
+        )
+        raise CnnlabError(f"{run.path} already has {done} epochs: {advice}")
+    if schedule in ("onecycle", "cosine") and config.epochs != planned:
+        raise CnnlabError(
+            f"{run.path} follows a {schedule} learning-rate schedule laid over {planned} epochs; --epochs {config.epochs} "
+            f"would change it for the steps still to run, so the run would not continue exactly: resume with "
+            f"--epochs {planned} (or without --epochs), or start a new run with --epochs {config.epochs}"
+        )
+
+
+def _stopped_message(run: RunDirectory, config: TrainConfig, saved: int, *, at_once: bool) -> str:
+    """The one line an interrupted run ends with: where it stopped, and the command that continues it."""
+    if saved == 0:
+        return f"interrupted before the first epoch was saved; start the run again (the same command replaces {run.path})"
+    how = f"stopped at once; epoch {saved} is saved" if at_once else f"finished and saved epoch {saved} of {config.epochs}"
+    return (
+        f"interrupted; {how}; continue with: "
+        f"cnnlab train --resume {shlex.quote(str(run.path))} --epochs {config.epochs}"
+    )
+
+
+def _fit(
+    config: TrainConfig, run: RunDirectory, progress: Progress, resume: Checkpoint | None, stop: StopRequests
+) -> RunResult:
+    stop.saved = resume.epoch if resume is not None else 0  # the last epoch whose checkpoint is on disk
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     splits = load_splits(
@@ -113,8 +217,20 @@ def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Chec
         f"{len(test_data)} test) on {device}, {config.engine} engine, into {run.path}"
     )
     for epoch in range(state.epoch + 1, config.epochs + 1):
+        # Between epochs: the one point a run can stop at and resume from exactly. A stop asked
+        # for during the last epoch lets the run finish instead, as only its test would remain.
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, _stopped_message(run, config, stop.saved, at_once=False))
         row = run_epoch(setup, state, epoch=epoch, val_data=val_data)
-        save_epoch(run, setup, state, row=row, splits=splits, has_val=len(val_data) > 0)
+        try:
+            save_epoch(run, setup, state, row=row, splits=splits, has_val=len(val_data) > 0)
+        except CnnlabError as exc:  # a full disk: the previous checkpoint is kept, so say how to go on from it
+            if stop.saved == 0:
+                raise
+            raise CnnlabError(
+                f"{exc}; then continue with: cnnlab train --resume {shlex.quote(str(run.path))} --epochs {config.epochs}"
+            ) from None
+        stop.saved = epoch
         progress.end_epoch(row, config.epochs)
     return finish(
         run,

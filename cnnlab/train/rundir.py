@@ -4,13 +4,16 @@ runs/<name>/
   config.yaml             the resolved configuration (usable again with --config)
   metrics.csv             one row per epoch
   checkpoints/last.pt     after every epoch; what --resume continues from
+  checkpoints/last.prev.pt   the epoch before: --resume falls back to it if last.pt is damaged
   checkpoints/best.pt     the epoch with the best validation accuracy
+  checkpoints/*.pt.sha256    each checkpoint's digest, checked when it loads
   curves.png              loss and accuracy per epoch
   confusion_matrix.png / .csv   on the test split
   summary.json            test metrics, per-class report, versions
 
 Every file is written atomically, so a run killed at any moment keeps the
-previous version of each file.
+previous version of each file; opening a run to resume it removes the temporary
+files such a kill leaves.
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ import io
 import json
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cnnlab.atomicfile import atomic_write_text
+from cnnlab.atomicfile import atomic_write_text, remove_stale_temp_files
 from cnnlab.errors import CnnlabError
-from cnnlab.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from cnnlab.train.checkpoint import Checkpoint, copy_checkpoint, load_checkpoint, save_checkpoint
 
 METRIC_COLUMNS = (
     "epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "images_per_s",
@@ -39,6 +43,7 @@ class RunDirectory:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
         self._fresh = False
+        self.resume_checkpoint: Checkpoint | None = None  # set by open()
 
     @classmethod
     def create(cls, path: Path, overwrite: bool) -> RunDirectory:
@@ -49,7 +54,8 @@ class RunDirectory:
         that fails early keeps the run it would have replaced.
         """
         path = Path(path)
-        if path.exists():
+        # A run stopped before its first checkpoint has nothing to lose or continue: a new run replaces it.
+        if path.exists() and not _holds_a_stopped_run_without_checkpoints(path):
             if not overwrite:
                 raise CnnlabError(
                     f"run directory {path} already exists: choose another --name, pass --overwrite, "
@@ -72,10 +78,52 @@ class RunDirectory:
 
     @classmethod
     def open(cls, path: Path) -> RunDirectory:
+        """An existing run, to resume: its killed writers' temporary files removed, and
+        checkpoints/last.pt the newest checkpoint that passes its checks.
+
+        If last.pt is damaged or missing, last.prev.pt (one epoch older) takes its place,
+        with a warning; `resume_checkpoint` is the checkpoint loaded.
+        """
         run = cls(path)
-        if not (run.checkpoints / "last.pt").is_file():
-            raise CnnlabError(f"{path} has no checkpoints/last.pt: it is not a cnnlab run directory that can be resumed")
+        if not run.path.is_dir():
+            raise CnnlabError(f"{path} does not exist: pass the directory of the run to continue")
+        for folder in (run.path, run.checkpoints):
+            if folder.is_dir():
+                remove_stale_temp_files(folder)
+        run.resume_checkpoint = run._newest_good_checkpoint()
         return run
+
+    def _newest_good_checkpoint(self) -> Checkpoint:
+        last, previous = self.checkpoints / "last.pt", self.checkpoints / "last.prev.pt"
+        if not last.is_file() and not previous.is_file():
+            if (self.path / "config.yaml").is_file() and not self.has_checkpoints():
+                raise CnnlabError(
+                    f"{self.path} has no checkpoint: the run stopped before its first epoch was saved, so there is "
+                    "nothing to continue; start it again with the same command (it replaces a run without checkpoints)"
+                )
+            raise CnnlabError(f"{self.path} has no checkpoints/last.pt: it is not a cnnlab run directory that can be resumed")
+        problems = []
+        for candidate in (last, previous):
+            if not candidate.is_file():
+                problems.append(f"{candidate.name} is missing")
+                continue
+            try:
+                checkpoint = load_checkpoint(candidate)
+            except CnnlabError as exc:
+                problems.append(str(exc))
+                continue
+            if candidate == previous:
+                warnings.warn(f"{problems[0]}; resuming from {previous.name} (epoch {checkpoint.epoch}) instead")
+                copy_checkpoint(previous, last)
+            return checkpoint
+        raise CnnlabError(f"{self.path} has no usable checkpoint to resume from: {'; '.join(problems)}")
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.pt"))
+
+    def is_finished(self) -> bool:
+        """Whether the run got as far as testing its model (summary.json is written last)."""
+        return (self.path / "summary.json").is_file()
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
@@ -96,7 +144,10 @@ class RunDirectory:
             return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
     def save_checkpoint(self, kind: str, checkpoint: Checkpoint) -> Path:
+        """Write checkpoints/KIND.pt; the "last" one it replaces stays as last.prev.pt, for --resume to fall back to."""
         path = self.checkpoints / f"{kind}.pt"
+        if kind == "last" and path.is_file():
+            copy_checkpoint(path, self.checkpoints / "last.prev.pt")
         save_checkpoint(path, checkpoint)
         return path
 
@@ -111,6 +162,14 @@ class RunDirectory:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+
+def _holds_a_stopped_run_without_checkpoints(path: Path) -> bool:
+    """An empty folder, or a cnnlab run (config.yaml) that was stopped before saving any checkpoint."""
+    if not path.is_dir():
+        return False
+    run = RunDirectory(path)
+    return not run.has_checkpoints() and ((path / "config.yaml").is_file() or not any(path.iterdir()))
 
 
 def code_version() -> str | None:

@@ -84,3 +84,23 @@ def test_image_and_label_count_mismatch_is_reported(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(CnnlabError, match="cannot read"):
         read_idx(tmp_path / "absent", 1)
+
+
+def test_a_gzip_bomb_is_refused_one_byte_past_its_declared_size(tmp_path, monkeypatch):
+    """50 MB of zeros behind a header declaring 1,568 bytes: reading stops at 1,569, not at the end."""
+    declared = 2 * 28 * 28
+    path = tmp_path / "bomb.gz"
+    path.write_bytes(gzip.compress(b"\x00\x00\x08\x03" + struct.pack(">III", 2, 28, 28) + bytes(50_000_000)))
+    assert path.stat().st_size < 100_000
+    read = []
+
+    class CountingGzipFile(gzip.GzipFile):
+        def read(self, size=-1):
+            chunk = super().read(size)
+            read.append(len(chunk))
+            return chunk
+
+    monkeypatch.setattr(idx.gzip, "GzipFile", CountingGzipFile)
+    with pytest.raises(CnnlabError, match="more than 1568 data bytes but its header says 1568"):
+        read_idx(path, 3)
+    assert sum(read) == 4 + 3 * 4 + declared + 1

@@ -9,9 +9,9 @@ from cnnlab.errors import CnnlabError
 from tests.conftest import write_mnist_folder
 
 
-def test_data_dir_comes_first_then_the_environment_then_the_cache(tmp_path, monkeypatch):
+def test_data_dir_is_the_only_folder_else_the_environment_or_the_cache_then_the_system(tmp_path, monkeypatch):
     monkeypatch.setenv("CNNLAB_DATA", str(tmp_path / "env"))
-    assert data_roots(tmp_path / "flag") == [tmp_path / "flag", sources.SYSTEM_DATA_DIR]
+    assert data_roots(tmp_path / "flag") == [tmp_path / "flag"]
     assert data_roots(None) == [tmp_path / "env", sources.SYSTEM_DATA_DIR]
     monkeypatch.delenv("CNNLAB_DATA")
     assert data_roots(None)[0].parts[-3:] == (".cache", "cnnlab", "data")
@@ -39,15 +39,47 @@ def test_environment_variable_points_at_the_data(mnist_root, monkeypatch):
 
 def test_missing_files_say_where_cnnlab_looked_and_how_to_get_them(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.setenv("CNNLAB_DATA", str(tmp_path / "empty"))
     with pytest.raises(CnnlabError, match=r"dataset 'mnist' not found \(looked in .*empty/mnist.*\): put the four IDX"):
-        load_splits("mnist", tmp_path / "empty", 0.1, 0)
+        load_splits("mnist", None, 0.1, 0)
 
 
 def test_a_folder_missing_one_file_is_not_taken(mnist_root, monkeypatch, tmp_path):
     monkeypatch.setattr(sources, "SYSTEM_DATA_DIR", tmp_path / "system")
+    monkeypatch.setenv("CNNLAB_DATA", str(mnist_root))
     (mnist_root / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(CnnlabError, match="not found"):
+        load_splits("mnist", None, 0.1, 0)
+
+
+@pytest.fixture
+def system_mnist(tmp_path, monkeypatch):
+    """A complete mnist in the system folder: what a --data-dir that lacks files used to fall back to."""
+    write_mnist_folder(tmp_path / "system" / "mnist")
+    monkeypatch.setattr(sources, "SYSTEM_DATA_DIR", tmp_path / "system")
+
+
+def test_a_data_dir_without_the_dataset_folder_is_an_error_not_a_fallback(tmp_path, system_mnist):
+    with pytest.raises(CnnlabError, match=r"--data-dir .*/missing has no folder 'mnist': .*/missing/mnist does not"):
+        load_splits("mnist", tmp_path / "missing", 0.1, 0)
+    write_mnist_folder(tmp_path / "flat")
+    with pytest.raises(CnnlabError, match="holds the files itself: pass its parent folder"):
+        load_splits("mnist", tmp_path / "flat", 0.1, 0)
+
+
+def test_a_data_dir_missing_one_idx_file_names_the_folder_and_the_file(mnist_root, system_mnist):
+    (mnist_root / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(CnnlabError, match=r"data/mnist lacks t10k-labels-idx1-ubyte \(.gz or raw\)"):
         load_splits("mnist", mnist_root, 0.1, 0)
+
+
+def test_train_with_a_wrong_data_dir_exits_2_and_leaves_no_run(tmp_path, system_mnist, capsys):
+    from cnnlab.cli import main
+
+    runs = tmp_path / "runs"
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"), "--runs-dir", str(runs)]) == 2
+    assert "has no folder 'mnist'" in capsys.readouterr().err
+    assert not runs.exists()
 
 
 def test_label_count_mismatch_in_a_dataset_folder(mnist_root):

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import signal
 import subprocess
@@ -12,7 +13,14 @@ from cnnlab.data.dataset import Normalization
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
 from cnnlab.train import checkpoint as checkpoint_module
-from cnnlab.train.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path, save_checkpoint
+from cnnlab.train.checkpoint import (
+    Checkpoint,
+    copy_checkpoint,
+    digest_path,
+    load_checkpoint,
+    resolve_checkpoint_path,
+    save_checkpoint,
+)
 
 
 def make_checkpoint(epoch: int = 1) -> Checkpoint:
@@ -84,9 +92,11 @@ def test_a_pickled_object_is_refused_not_executed(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     torch.save({"cnnlab_checkpoint": 1, "x": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(CnnlabError, match="not a readable cnnlab checkpoint"):
+    with pytest.raises(CnnlabError, match="not a readable cnnlab checkpoint: .* unsafe to load") as refused:
         load_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
+    # torch's own message advises weights_only=False, the very thing that would run the payload.
+    assert "weights_only" not in str(refused.value) and "False" not in str(refused.value)
 
 
 def test_other_torch_files_are_not_taken_for_checkpoints(tmp_path):
@@ -115,7 +125,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint(path, make_checkpoint(epoch=2))
     assert load_checkpoint(path).epoch == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.sha256"]  # no temp file left behind
 
 
 def test_a_process_killed_while_writing_leaves_a_loadable_checkpoint(tmp_path):
@@ -155,3 +165,120 @@ def test_a_run_directory_resolves_to_its_best_checkpoint(tmp_path):
     assert resolve_checkpoint_path(tmp_path).name == "best.pt"
     with pytest.raises(CnnlabError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_checkpoint_has_a_sha256_sidecar_that_sha256sum_reads(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", make_checkpoint())
+    digest = hashlib.sha256((tmp_path / "c.pt").read_bytes()).hexdigest()
+    assert digest_path(tmp_path / "c.pt").read_text() == f"{digest}  c.pt\n"
+    assert subprocess.run(["sha256sum", "--check", "--quiet", "c.pt.sha256"], cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("where", [0, 1, 100, 0.25, 0.5, 0.75, -200, -1])
+def test_one_flipped_byte_anywhere_is_refused_by_its_digest(tmp_path, where):
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, make_checkpoint())
+    data = bytearray(path.read_bytes())
+    position = int(where * len(data)) if isinstance(where, float) else where
+    data[position] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(CnnlabError, match=r"c.pt is corrupt: its bytes do not match the SHA-256 in c.pt.sha256"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_without_a_sidecar_still_loads(tmp_path):
+    """Checkpoints written before digests existed keep working."""
+    save_checkpoint(tmp_path / "c.pt", make_checkpoint())
+    digest_path(tmp_path / "c.pt").unlink()
+    assert load_checkpoint(tmp_path / "c.pt").epoch == 1
+
+
+def test_a_malformed_sidecar_is_a_clear_error(tmp_path):
+    save_checkpoint(tmp_path / "c.pt", make_checkpoint())
+    digest_path(tmp_path / "c.pt").write_text("not a digest\n")
+    with pytest.raises(CnnlabError, match="is not a SHA-256 line"):
+        load_checkpoint(tmp_path / "c.pt")
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3], ids=["first-sidecar", "checkpoint", "last-sidecar"])
+def test_a_save_stopped_between_any_two_of_its_writes_leaves_a_file_matching_its_digest(tmp_path, monkeypatch, fail_at):
+    from cnnlab import atomicfile
+
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, make_checkpoint(epoch=1))
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt  # killed before this rename
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomicfile.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, make_checkpoint(epoch=2))
+    monkeypatch.setattr(atomicfile.os, "replace", real_replace)
+    assert load_checkpoint(path).epoch == (2 if fail_at == 3 else 1)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_copied_checkpoint_verifies_and_outlives_its_source(tmp_path):
+    save_checkpoint(tmp_path / "last.pt", make_checkpoint(epoch=1))
+    copy_checkpoint(tmp_path / "last.pt", tmp_path / "last.prev.pt")
+    save_checkpoint(tmp_path / "last.pt", make_checkpoint(epoch=2))
+    assert load_checkpoint(tmp_path / "last.prev.pt").epoch == 1 and load_checkpoint(tmp_path / "last.pt").epoch == 2
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_no_temp(tmp_path, monkeypatch):
+    import errno
+
+    from cnnlab import atomicfile
+
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, make_checkpoint(epoch=1))
+    real_fdopen = atomicfile.os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.f.close()
+
+    monkeypatch.setattr(atomicfile.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(CnnlabError, match=r"^cannot write .*c.pt.*: No space left on device; the previous"):
+        save_checkpoint(path, make_checkpoint(epoch=2))
+    monkeypatch.setattr(atomicfile.os, "fdopen", real_fdopen)
+    assert load_checkpoint(path).epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.sha256"]
+
+
+def test_a_file_size_limit_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    """RLIMIT_FSIZE below a checkpoint's size, in a real process: EFBIG, one clear error, the old file loads."""
+    path = tmp_path / "c.pt"
+    script = textwrap.dedent(
+        f"""
+        import resource, sys
+        sys.path.insert(0, {str(os.path.dirname(os.path.abspath(__file__)))!r} + "/../..")
+        from tests.train.test_checkpoint import make_checkpoint
+        from cnnlab.errors import CnnlabError
+        from cnnlab.train.checkpoint import save_checkpoint
+        save_checkpoint({str(path)!r}, make_checkpoint(1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        try:
+            save_checkpoint({str(path)!r}, make_checkpoint(2))
+        except CnnlabError as exc:
+            print(exc)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "File too large; the previous c.pt (if any) is kept" in result.stdout
+    assert load_checkpoint(path).epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.sha256"]
