@@ -113,6 +113,36 @@ def _add_tools(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(handler=_predict)
 
+    export = commands.add_parser(
+        "export",
+        help="write a run's model as ONNX, torch.export, TorchScript and safetensors files",
+        description="Write the run's best model in each format, with model.json, MODEL_CARD.md and, for ONNX, "
+        "a check against PyTorch in ONNX Runtime (model.onnx.check.json).",
+    )
+    export.add_argument("model", type=Path, metavar="RUN_OR_CHECKPOINT")
+    export.add_argument("--format", help="comma-separated: onnx,pt2,torchscript,safetensors (default: all)")
+    export.add_argument("--out", type=Path, help="folder for the files; default RUN/export")
+    export.add_argument("--json", action="store_true", help="print one JSON object with the files and the check")
+    export.set_defaults(handler=_export)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP: POST images, get classes",
+        description="Serve a trained model over HTTP (FastAPI + uvicorn): POST images to /v1/predict; "
+        "/v1/model, /healthz, /readyz, /metrics, API docs at /docs.",
+    )
+    serve.add_argument("model", type=Path, metavar="RUN|MODEL.onnx", help="a run, a checkpoint or a model.onnx")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on; default 127.0.0.1 (this machine)")
+    serve.add_argument("--port", type=int, default=8000, help="default 8000; 0 picks a free port")
+    serve.add_argument("--backend", choices=("onnx", "torch"), default="onnx",
+                       help="onnx: ONNX Runtime (default); torch: the checkpoint, cnnlab's fast forward")  # fmt: skip
+    serve.add_argument("--max-batch", type=int, default=64, help="images per model call and per request; default 64")
+    serve.add_argument("--window-ms", type=float, default=2.0, help="how long a batch waits for requests; default 2")
+    serve.add_argument("--max-body-mb", type=float, default=5.0, help="largest request body, MiB; default 5")
+    serve.add_argument("--max-pending", type=int, default=256, help="requests waiting before 503; default 256")
+    serve.add_argument("--log", type=Path, metavar="FILE", help="append one JSON line per request to FILE")
+    serve.set_defaults(handler=_serve)
+
     models = commands.add_parser("models", help="list the registered models")
     models.add_argument("--input", default="1x28x28", help="input shape CxHxW for the parameter counts")
     models.set_defaults(handler=_models)
@@ -138,17 +168,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             args = parser.parse_args(argv)
-            return args.handler(args) or 0
+            status = args.handler(args) or 0
+            sys.stdout.flush()  # a closed pipe shows here, not at exit as an unraisable error
+            return status
     except CnnlabError as exc:
         print(f"cnnlab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("cnnlab: interrupted; finished epochs are saved (continue with `cnnlab train --resume RUN`)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`cnnlab models | head`): stop quietly. stdout is pointed at
+        # devnull so that the flush at exit does not fail again (the recipe in Python's signal docs).
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt as exc:
+        # Training raises loop.Interrupted, which says where the run stopped and how to continue it.
+        print(f"cnnlab: {exc}" if str(exc) else "cnnlab: interrupted", file=sys.stderr)
+        return getattr(exc, "exit_status", EXIT_INTERRUPTED)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from cnnlab.train.checkpoint import load_checkpoint
     from cnnlab.train.loop import fit
     from cnnlab.train.progress import Progress
     from cnnlab.train.rundir import RunDirectory
@@ -156,7 +195,7 @@ def _train(args: argparse.Namespace) -> int:
     progress = Progress(stream=sys.stderr if args.json else sys.stdout)
     if args.resume is not None:
         run = RunDirectory.open(args.resume)
-        checkpoint = load_checkpoint(run.checkpoints / "last.pt")
+        checkpoint = run.resume_checkpoint  # last.pt, or the newest good one if it is damaged
         result = fit(_resumed_config(args, checkpoint, run_path=run.path), run, progress, resume=checkpoint)
     else:
         resolution = _resolve_new_run(args)
@@ -190,11 +229,8 @@ def _resumed_config(args: argparse.Namespace, checkpoint: Checkpoint, *, run_pat
         raise CnnlabError("--resume continues a run with its saved options; only --epochs and --device may change")
     # The saved config names the options the run was made with; a recipe must not fill in
     # any it lacks (a checkpoint older than an option), as the run never had them.
-    config = resolve(checkpoint.config or {}, flags, origin=str(run_path), recipe=False).config
-    if config.epochs <= checkpoint.epoch:
-        done = checkpoint.epoch
-        raise CnnlabError(f"{run_path} already has {done} epochs: pass --epochs N with N > {done}")
-    return config
+    # Whether the run can go on (or only be finished) is fit's to say: cnnlab.train.loop.check_resumable.
+    return resolve(checkpoint.config or {}, flags, origin=str(run_path), recipe=False).config
 
 
 def _recipe_line(resolution: Resolution) -> str:
@@ -225,11 +261,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(path)
     dataset_name = args.dataset or checkpoint.dataset
     _, test_split = get_source(dataset_name).load(Path(args.data_dir) if args.data_dir else None)
-    if test_split.image_shape != checkpoint.in_shape or test_split.classes != checkpoint.classes:
+    differences = []  # what the model expects against what the dataset has, only where they differ
+    if test_split.image_shape != checkpoint.in_shape:
+        differences.append(f"images {checkpoint.in_shape}, '{dataset_name}' has {test_split.image_shape}")
+    if len(test_split.classes) != len(checkpoint.classes):
+        differences.append(f"{len(checkpoint.classes)} classes, '{dataset_name}' has {len(test_split.classes)}")
+    elif test_split.classes != checkpoint.classes:
+        ours, theirs = zip(*[(a, b) for a, b in zip(checkpoint.classes, test_split.classes) if a != b][:3])
+        differences.append(f"classes {', '.join(map(repr, ours))}, where '{dataset_name}' has {', '.join(map(repr, theirs))}")
+    if differences:
         raise CnnlabError(
-            f"the model in {path} takes {checkpoint.in_shape} images of {len(checkpoint.classes)} classes, "
-            f"but '{dataset_name}' has {test_split.image_shape} images of {len(test_split.classes)} classes: "
-            "evaluate it on the dataset it was trained for"
+            f"the model in {path} expects {'; and '.join(differences)}: evaluate it on the dataset it was trained "
+            f"for ('{checkpoint.dataset}')"
         )
     result = report(checkpoint.build_model(), test_split, checkpoint.normalization)
     if args.json:
@@ -262,6 +305,41 @@ def _predict(args: argparse.Namespace) -> int:
     for path, prediction in zip(args.images, predictions):
         ranked = ", ".join(f"{c} {100 * p:.1f}%" for c, p in zip(prediction.classes, prediction.probabilities))
         print(f"{path}: {ranked}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from cnnlab.tools.export import FORMATS, export_run
+    except ModuleNotFoundError as exc:
+        raise CnnlabError(f"cnnlab export needs {exc.name}: pip install 'cnnlab[export]'") from None
+    formats = [f.strip() for f in args.format.split(",") if f.strip()] if args.format else list(FORMATS)
+    result = export_run(args.model, formats, args.out)
+    if args.json:
+        files = {f.format: {"path": str(f.path), "sha256": f.sha256} for f in result.files}
+        _print_json({"out": str(result.out), "files": files, "onnx_check": result.onnx_check})
+        return 0
+    for f in result.files:
+        print(f"{f.format:<12} {f.path}  sha256 {f.sha256[:16]}")
+    if result.onnx_check:
+        check = result.onnx_check
+        print(f"ONNX Runtime vs PyTorch on {check['images']} images ({check['source']}): max |logit diff| "
+              f"{check['max_abs_logit_diff']:.2e}, top-1 agreement {100 * check['top1_agreement']:.2f}%")  # fmt: skip
+    print(f"model card and model.json in {result.out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from cnnlab.tools.serve.app import Settings
+        from cnnlab.tools.serve.server import serve
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("cnnlab"):
+            raise
+        raise CnnlabError(f"cnnlab serve needs {exc.name}: pip install 'cnnlab[serve]'") from None
+    settings = Settings(max_batch=args.max_batch, window_ms=args.window_ms, max_body_mb=args.max_body_mb,
+                        max_pending=args.max_pending, log=args.log)  # fmt: skip
+    serve(args.model, args.backend, args.host, args.port, settings)
     return 0
 
 

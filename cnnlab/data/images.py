@@ -1,12 +1,14 @@
 """Decode user images (PNG, JPEG, BMP, WebP, ...) into model input, safely.
 
-The header is read and the pixel count checked before any decoding, so a
-small file that claims a gigantic size (a decompression bomb) is refused
-without allocating it.
+One code path for files (`cnnlab predict`) and uploads (`cnnlab serve`):
+`load_image` reads the file and hands its bytes to `decode_image`. The header
+is read and the pixel count checked before any decoding, so a small file that
+claims a gigantic size (a decompression bomb) is refused without allocating it.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -17,31 +19,62 @@ from cnnlab.errors import CnnlabError
 
 MAX_PIXELS = 40_000_000  # 40 megapixels: larger than any camera photo a user would classify
 MAX_FILE_BYTES = 100 * 1024 * 1024
+# The formats Pillow may try. Not all it knows: some (EPS) run external programs on the data.
+FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF", "PPM")
+
+# Why an image was refused, for callers that answer differently to each (the server's status codes).
+TOO_LARGE, TOO_MANY_PIXELS, NOT_AN_IMAGE = "too_large", "too_many_pixels", "not_an_image"
+
+
+class ImageError(CnnlabError):
+    """An image cnnlab will not decode; `reason` is TOO_LARGE, TOO_MANY_PIXELS or NOT_AN_IMAGE."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def load_image(path: Path, in_shape: tuple[int, int, int]) -> torch.Tensor:
-    """The image at `path` as (C, H, W) uint8 for a model taking `in_shape` = (C, H, W).
-
-    C is 1 (converted to grey) or 3 (converted to RGB); the image is resized to
-    H x W with bilinear filtering, as the dataset readers do.
-    """
-    channels, height, width = in_shape
+    """The image at `path` as (C, H, W) uint8 for a model taking `in_shape` = (C, H, W); see `decode_image`."""
     path = Path(path)
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
-            raise CnnlabError(f"{path} is larger than {MAX_FILE_BYTES // 2**20} MiB: not an image cnnlab will decode")
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise CnnlabError(
-                    f"{path} is {image.width}x{image.height} pixels, over the {MAX_PIXELS:,} pixel limit: shrink it first"
-                )
-            converted = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            pixels = np.asarray(converted, dtype=np.uint8)
+            limit = MAX_FILE_BYTES // 2**20
+            raise ImageError(f"{path} is larger than {limit} MiB: not an image cnnlab will decode", TOO_LARGE)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise CnnlabError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise CnnlabError(f"cannot read image {path}: {exc}") from None
+    except OSError as exc:
+        raise ImageError(f"cannot read image {path}: {exc}", NOT_AN_IMAGE) from None
+    return decode_image(data, in_shape, name=str(path))
+
+
+def decode_image(
+    data: bytes, in_shape: tuple[int, int, int], name: str = "upload", max_pixels: int = MAX_PIXELS
+) -> torch.Tensor:
+    """The encoded image `data` as (C, H, W) uint8 for a model taking `in_shape` = (C, H, W).
+
+    C is 1 (converted to grey) or 3 (converted to RGB); the image is resized to
+    H x W with bilinear filtering, as the dataset readers do. `name` says which
+    image in error messages. Raises ImageError before decoding when the header
+    claims more than `max_pixels` pixels, and when `data` is not a readable image.
+    """
+    channels, height, width = in_shape
     if channels not in (1, 3):
         raise CnnlabError(f"the model takes {channels}-channel images; cnnlab converts images to 1 or 3 channels only")
+    try:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as image:  # reads the header only
+            if image.width * image.height > max_pixels:
+                size = f"{image.width}x{image.height}"
+                message = f"{name} is {size} pixels, over the {max_pixels:,} pixel limit: shrink it first"
+                raise ImageError(message, TOO_MANY_PIXELS)
+            converted = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            pixels = np.asarray(converted, dtype=np.uint8)
+    except UnidentifiedImageError:  # Pillow's message names the BytesIO object, which says nothing to a user
+        message = f"cannot read image {name}: not a PNG, JPEG, BMP, WebP, GIF, TIFF or PPM image"
+        raise ImageError(message, NOT_AN_IMAGE) from None
+    # Pillow reports corrupt data through all of these, depending on the format and where the damage is.
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot read image {name}: {exc}", NOT_AN_IMAGE) from None
     tensor = torch.from_numpy(pixels.copy())
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()

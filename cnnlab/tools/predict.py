@@ -21,6 +21,15 @@ class Prediction:
         return {"classes": self.classes, "probabilities": self.probabilities}
 
 
+def top_predictions(probabilities: torch.Tensor, classes: tuple[str, ...], top_k: int) -> list[Prediction]:
+    """probabilities: (N, K) -> for each image its top_k classes (at most K), most likely first."""
+    top = probabilities.topk(min(top_k, len(classes)), dim=1)
+    return [
+        Prediction([classes[i] for i in indices.tolist()], [round(p, 6) for p in values.tolist()])
+        for values, indices in zip(top.values, top.indices)
+    ]
+
+
 class Predictor:
     """Pre-process -> forward -> post-process, with the preprocessing the model was trained with."""
 
@@ -39,13 +48,7 @@ class Predictor:
     def predict_batch(self, images: torch.Tensor, top_k: int) -> list[Prediction]:
         """images: (N, C, H, W) uint8 in the model's input shape."""
         logits = self.forward(self.checkpoint.normalization.apply(images))  # (N, K)
-        probabilities = logits.softmax(dim=1)
-        k = min(top_k, len(self.classes))
-        top = probabilities.topk(k, dim=1)
-        return [
-            Prediction([self.classes[i] for i in indices.tolist()], [round(p, 6) for p in values.tolist()])
-            for values, indices in zip(top.values, top.indices)
-        ]
+        return top_predictions(logits.softmax(dim=1), self.classes, top_k)
 
     def predict_files(self, paths: list[Path], top_k: int) -> list[Prediction]:
         images = torch.stack([load_image(p, self.in_shape) for p in paths])  # (N, C, H, W) uint8

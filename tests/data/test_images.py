@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.data.images import load_image
+from cnnlab.data.images import NOT_AN_IMAGE, TOO_MANY_PIXELS, ImageError, decode_image, load_image
 from cnnlab.errors import CnnlabError
 
 
@@ -33,12 +33,37 @@ def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
         load_image(tmp_path / "text.png", (1, 28, 28))
 
 
-def test_a_header_claiming_a_gigantic_size_is_refused_before_decoding(tmp_path):
-    # A valid PNG signature an IHDR claiming 8000 x 8000 pixels, no pixel data at all.
-    ihdr = struct.pack(">IIBBBBB", 8000, 8000, 8, 0, 0, 0, 0)
+def bomb_png(width: int = 8000, height: int = 8000) -> bytes:
+    """A valid PNG signature and an IHDR claiming width x height pixels, no pixel data at all."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     chunk = struct.pack(">I", len(ihdr)) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    path = tmp_path / "bomb.png"
     end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk + end)
+    return b"\x89PNG\r\n\x1a\n" + chunk + end
+
+
+def test_a_header_claiming_a_gigantic_size_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png())
     with pytest.raises(CnnlabError, match="over the 40,000,000 pixel limit"):
         load_image(path, (1, 28, 28))
+
+
+def test_decoding_bytes_is_loading_the_file(tmp_path):
+    path = tmp_path / "noise.png"
+    Image.fromarray(torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8).numpy()).save(path)
+    assert torch.equal(decode_image(path.read_bytes(), (3, 28, 28)), load_image(path, (3, 28, 28)))
+    assert torch.equal(decode_image(path.read_bytes(), (1, 28, 28)), load_image(path, (1, 28, 28)))
+
+
+def test_decode_errors_say_which_image_and_why(tmp_path):
+    with pytest.raises(ImageError, match="over the 40,000,000 pixel limit") as bomb:
+        decode_image(bomb_png(), (1, 28, 28), name="image 2")
+    assert bomb.value.reason == TOO_MANY_PIXELS and str(bomb.value).startswith("image 2 is 8000x8000 pixels")
+    with pytest.raises(ImageError, match="over the 100 pixel limit"):
+        decode_image(bomb_png(11, 10), (1, 28, 28), max_pixels=100)
+    png = tmp_path / "grey.png"
+    Image.new("L", (32, 32), 7).save(png)
+    for data in (b"", b"plain text", png.read_bytes()[:40]):
+        with pytest.raises(ImageError, match="cannot read image upload") as broken:
+            decode_image(data, (1, 28, 28))
+        assert broken.value.reason == NOT_AN_IMAGE and isinstance(broken.value, CnnlabError)

@@ -1,0 +1,83 @@
+"""The Prometheus metrics of one server, in a registry of its own (two apps in one process never mix).
+
+Besides the usual traffic figures (requests by route and status, latency, batch
+sizes, rejected inputs by reason, predictions by class), two drift signals say
+whether the inputs still look like the training data: the mean and standard
+deviation of the normalized input pixels (about 0 and 1 on images like those the
+model was trained on; a shift means other lighting, inverted colours, another
+kind of image) and the share of each class among the recent top-1 predictions.
+Both are moving averages over about the last DRIFT_WINDOW images, exact
+averages until that many have been seen.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+DRIFT_WINDOW = 1000  # images
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("cnnlab_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram("cnnlab_request_latency_seconds", "Time to answer a request, by route", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.batch_size = Histogram("cnnlab_batch_size", "Images per model call", buckets=BATCH_BUCKETS, registry=r)
+        self.pending = Gauge("cnnlab_pending_requests", "Requests waiting for a batch", registry=r)
+        self.predictions = Counter("cnnlab_predictions", "Top-1 predictions by class", ["class"], registry=r)
+        self.rejected = Counter("cnnlab_rejected", "Refused requests by reason", ["reason"], registry=r)
+        self.input_mean = Gauge("cnnlab_input_mean", "Moving mean of the normalized input pixels (~0 on "
+                                "training-like images)", registry=r)  # fmt: skip
+        self.input_std = Gauge("cnnlab_input_std", "Moving std of the normalized input pixels (~1 on "
+                               "training-like images)", registry=r)  # fmt: skip
+        self.class_share = Gauge("cnnlab_class_share", "Moving share of each class among top-1 predictions",
+                                 ["class"], registry=r)  # fmt: skip
+        self.classes = list(classes)
+        for name in self.classes:  # every class shows from the start, at 0
+            self.predictions.labels(name)
+            self.class_share.labels(name)
+        self._lock = threading.Lock()
+        self._seen = 0
+        self._mean = 0.0
+        self._square = 0.0  # moving mean of x**2
+        self._share = torch.zeros(len(self.classes), dtype=torch.float64)
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def batch(self, x: torch.Tensor, top1: torch.Tensor) -> None:
+        """One model call: x (N, C, H, W) float32 normalized, top1 (N,) int64 class indices."""
+        n = len(x)
+        self.batch_size.observe(n)
+        counts = torch.bincount(top1, minlength=len(self.classes)).to(torch.float64)
+        for index in counts.nonzero().flatten().tolist():
+            self.predictions.labels(self.classes[index]).inc(counts[index].item())
+        with self._lock:
+            self._seen += n
+            # Exact averages over the first DRIFT_WINDOW images, then exponential over about that many.
+            alpha = max(n / self._seen, 1.0 - (1.0 - 1.0 / DRIFT_WINDOW) ** n)
+            self._mean += alpha * (x.mean(dtype=torch.float64).item() - self._mean)
+            self._square += alpha * (x.square().mean(dtype=torch.float64).item() - self._square)
+            self._share += alpha * (counts / n - self._share)
+            self.input_mean.set(self._mean)
+            self.input_std.set(max(self._square - self._mean**2, 0.0) ** 0.5)
+            for name, share in zip(self.classes, self._share.tolist()):
+                self.class_share.labels(name).set(share)
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text format."""
+        return generate_latest(self.registry)
