@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_train(commands)
     _add_tools(commands)
+    _add_shipping(commands)
     return parser
 
 
@@ -113,6 +114,27 @@ def _add_tools(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(handler=_predict)
 
+    models = commands.add_parser("models", help="list the registered models")
+    models.add_argument("--input", default="1x28x28", help="input shape CxHxW for the parameter counts")
+    models.set_defaults(handler=_models)
+
+    datasets = commands.add_parser("datasets", help="list datasets: where each was found, or how to get it")
+    datasets.add_argument("--data-dir")
+    datasets.add_argument("--download", metavar="NAME", help="fetch mnist, fashion-mnist, kmnist, cifar10 or cifar100")
+    datasets.set_defaults(handler=_datasets)
+
+    gradcheck = commands.add_parser("gradcheck", help="check hand-written gradients against autograd, layer by layer")
+    gradcheck.add_argument("--model", default="lenet5", help="model name (see `cnnlab models`); default lenet5")
+    gradcheck.add_argument("--input", default="1x28x28", help="input shape CxHxW (or C,H,W); default 1x28x28")
+    gradcheck.add_argument("--classes", type=int, default=10, help="number of classes; default 10")
+    gradcheck.add_argument("--batch-size", type=int, default=2, help="images in the test batch; default 2")
+    gradcheck.add_argument("--seed", type=int, default=0)
+    gradcheck.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    gradcheck.set_defaults(handler=_gradcheck)
+
+
+def _add_shipping(commands: argparse._SubParsersAction) -> None:
+    """export and serve: a trained model as files, and behind an HTTP API."""
     export = commands.add_parser(
         "export",
         help="write a run's model as ONNX, torch.export, TorchScript and safetensors files",
@@ -142,24 +164,6 @@ def _add_tools(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-pending", type=int, default=256, help="requests waiting before 503; default 256")
     serve.add_argument("--log", type=Path, metavar="FILE", help="append one JSON line per request to FILE")
     serve.set_defaults(handler=_serve)
-
-    models = commands.add_parser("models", help="list the registered models")
-    models.add_argument("--input", default="1x28x28", help="input shape CxHxW for the parameter counts")
-    models.set_defaults(handler=_models)
-
-    datasets = commands.add_parser("datasets", help="list datasets: where each was found, or how to get it")
-    datasets.add_argument("--data-dir")
-    datasets.add_argument("--download", metavar="NAME", help="fetch mnist, fashion-mnist, kmnist, cifar10 or cifar100")
-    datasets.set_defaults(handler=_datasets)
-
-    gradcheck = commands.add_parser("gradcheck", help="check hand-written gradients against autograd, layer by layer")
-    gradcheck.add_argument("--model", default="lenet5", help="model name (see `cnnlab models`); default lenet5")
-    gradcheck.add_argument("--input", default="1x28x28", help="input shape CxHxW (or C,H,W); default 1x28x28")
-    gradcheck.add_argument("--classes", type=int, default=10, help="number of classes; default 10")
-    gradcheck.add_argument("--batch-size", type=int, default=2, help="images in the test batch; default 2")
-    gradcheck.add_argument("--seed", type=int, default=0)
-    gradcheck.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    gradcheck.set_defaults(handler=_gradcheck)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
