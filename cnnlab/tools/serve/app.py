@@ -43,6 +43,8 @@ from cnnlab.tools.serve.requestlog import RequestLog
 BAD_REQUEST, OVERLOADED = "bad_request", "overloaded"
 STATUS = {TOO_LARGE: 413, TOO_MANY_PIXELS: 413, NOT_AN_IMAGE: 415, BAD_REQUEST: 422, OVERLOADED: 503}
 RAW_TYPES = ("image/", "application/octet-stream")  # a body that is the image itself
+# The page fetches nothing but this server's API, so it works offline; the browser holds it to that.
+PAGE_POLICY = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob: data:"
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,8 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
 
     @app.get("/", include_in_schema=False)
     async def index(request: Request) -> HTMLResponse:
-        return HTMLResponse(page.replace("{{base}}", html.escape(str(request.base_url))))
+        page_here = page.replace("{{base}}", html.escape(str(request.base_url)))
+        return HTMLResponse(page_here, headers={"Content-Security-Policy": PAGE_POLICY})
 
     return app
 
