@@ -20,7 +20,8 @@ trains every contender from seed r (initial weights, batch order, validation
 split): when a run first tests at 90% moves by several epochs from seed to
 seed, and one seed's luck, good or bad, should not decide the ratio. Then
 inference (bench/inference.py) and a float32 matmul give the scale: what this
-CPU can do, and how much of it training uses.
+CPU can do, and how much of it training uses. Last, bench/serve.py: the seed
+tutorial's Flask server against `cnnlab serve` under load (bench/results/serve.json).
 
 Each contender has a process of its own for its peak memory, and because
 contenders sharing a process do not run as they would alone: after cnnlab's
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if docs is not None:
         write_docs(docs, table, BEGIN, END)
+    # Serving, last so that its failure loses no training figures; its own results file and table.
+    serve = [sys.executable, str(BENCH / "serve.py"), *(["--quick"] if args.quick else [])]
+    subprocess.run(serve, check=True, cwd=ROOT)
     return 0
 
 

@@ -28,10 +28,15 @@ def bind(host: str, port: int) -> socket.socket:
     if not 0 <= port <= 65535:
         raise CnnlabError(f"--port must be between 0 and 65535, got {port}")
     try:
-        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise CnnlabError(f"cannot listen on {host}:{port} ({reason}): choose another --port or --host") from None
+    # Accepted connections inherit this. asyncio sets it itself only on sockets whose protocol
+    # says TCP, which create_server's do not; without it Nagle's algorithm holds each small
+    # answer back until the client's delayed ACK, ~40 ms a request.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def uvicorn_server(app: object) -> uvicorn.Server:

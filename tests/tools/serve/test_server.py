@@ -62,3 +62,18 @@ def test_stopping_drains_the_requests_in_flight():
             threading.Timer(0.3, backend.gate.set).start()  # the model finishes after the stop began
             response = answer.result(timeout=20)
     assert response.status_code == 200 and response.json()["predictions"][0]["classes"] == ["b", "a"]
+
+
+def test_accepted_connections_send_small_answers_at_once():
+    """Nagle's algorithm is off on every accepted connection: with it on, each small answer waits
+    for the client's delayed ACK (~40 ms a request)."""
+    import socket
+
+    listener = bind("127.0.0.1", 0)
+    try:
+        client = socket.create_connection(listener.getsockname()[:2])
+        accepted, _ = listener.accept()
+        with client, accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        listener.close()
