@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, help="seconds of load before each window, not counted (default 2)")
     parser.add_argument("--rounds", type=int, help="rounds, each server once per round (default 2)")
     parser.add_argument("--soak", type=float, metavar="S", help="a long run for memory growth: S seconds per "
-                        "server in one round (the issue asks for at least 300)")  # fmt: skip
+                        "server in one round (300 or more to see a leak)")  # fmt: skip
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"clients": 64, "duration": 60.0, "warmup": 2.0, "rounds": 2}
     if args.soak is not None:
