@@ -42,8 +42,12 @@ class OnnxBackend:
         import onnxruntime
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
+        options = onnxruntime.SessionOptions()
+        # ONNX Runtime's threads spin for a while after each call by default: between batches
+        # that takes a core from the event loop, which reads and decodes the next requests.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except (ort_errors.InvalidProtobuf, ort_errors.Fail, ort_errors.InvalidGraph, ort_errors.InvalidArgument,
                 ort_errors.RuntimeException, ort_errors.NotImplemented) as exc:  # fmt: skip
             first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
