@@ -1,12 +1,22 @@
 """Random, truncated and hostile bytes into every reader: a correct dataset or a CnnlabError, nothing else.
 
-No crash (another exception type), no hang (pytest-timeout and hypothesis
-deadlines), no allocation driven by a header's claims (tracemalloc), no code run
-by a pickle (marker files that a payload would create).
+The readers of untrusted bytes: IDX files, CIFAR batches and archives, image
+folders and single images (`decode_image`), YAML config files (`load_yaml_config`)
+and checkpoints (`load_checkpoint`). No crash (another exception type), no hang
+(pytest-timeout and hypothesis deadlines), no allocation driven by a header's
+claims (tracemalloc), no code run by a pickle (marker files that a payload would
+create).
+
+`make test` tries a few dozen to a few hundred inputs per test; a real search sets
+CNNLAB_FUZZ_EXAMPLES (10000 or more) to run that many per test, without the time limit:
+
+    CNNLAB_FUZZ_EXAMPLES=10000 .venv/bin/python -m pytest tests/data/test_fuzz.py -k checkpoint
 """
 
 import builtins
+import functools
 import gzip
+import hashlib
 import io
 import os
 import pickle
@@ -20,21 +30,36 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from cnnlab.config import load_yaml_config
 from cnnlab.data import cifar
 from cnnlab.data.cifar import load_pickle, read_cifar10
 from cnnlab.data.folder import FolderSpec, read_image_folder
 from cnnlab.data.idx import read_idx, read_idx_pair
+from cnnlab.data.images import NOT_AN_IMAGE, TOO_MANY_PIXELS, ImageError, decode_image
 from cnnlab.errors import CnnlabError
+from cnnlab.train.checkpoint import Checkpoint, digest_path, load_checkpoint
 from tests.data.test_cifar import cifar_batch, py2_pickle, write_cifar10
 
-FUZZ = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
-)
-pytestmark = pytest.mark.timeout(120)
+FUZZ_EXAMPLES = int(os.environ.get("CNNLAB_FUZZ_EXAMPLES") or 0)
+
+
+def fuzz(examples: int) -> settings:
+    """Hypothesis settings trying `examples` inputs, or CNNLAB_FUZZ_EXAMPLES when it is set."""
+    return settings(
+        max_examples=FUZZ_EXAMPLES or examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
+FUZZ = fuzz(150)
+pytestmark = pytest.mark.timeout(0 if FUZZ_EXAMPLES else 120)  # 0: no limit, for a long search
 
 
 def fresh(tmp_path):
@@ -348,7 +373,7 @@ bad_images = st.one_of(
 )
 
 
-@settings(FUZZ, max_examples=60)
+@fuzz(60)
 @given(content=bad_images, suffix=st.sampled_from([".png", ".jpg", ".bmp", ".webp"]), strict=st.booleans())
 def test_image_folders_with_bad_files_skip_them_or_fail_clearly(tmp_path, content, suffix, strict):
     root = fresh(tmp_path)
@@ -369,7 +394,7 @@ def test_image_folders_with_bad_files_skip_them_or_fail_clearly(tmp_path, conten
     assert bool(splits.skipped) == any("skipped 1 unreadable" in str(w.message) for w in caught)
 
 
-@settings(FUZZ, max_examples=40)
+@fuzz(40)
 @given(content=bad_images)
 def test_a_bad_first_image_does_not_decide_the_size(tmp_path, content):
     root = fresh(tmp_path)
@@ -385,3 +410,124 @@ def test_a_bad_first_image_does_not_decide_the_size(tmp_path, content):
         except CnnlabError:
             return
     assert splits.train.image_shape[1:] == (3, 7)
+
+
+# Single images: what `cnnlab predict` and `cnnlab serve` decode
+
+
+def image_bytes(format: str, mode: str = "RGB", size=(5, 4)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, 90).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+# A valid file of every format decode_image accepts, in a few pixel modes, to damage.
+IMAGE_SAMPLES = [
+    image_bytes(format, mode)
+    for format, modes in (("PNG", "RGB L P LA I;16 RGBA"), ("JPEG", "RGB L CMYK"), ("BMP", "RGB L P"),
+                          ("WEBP", "RGB RGBA"), ("GIF", "P L"), ("TIFF", "RGB L I F CMYK"), ("PPM", "RGB L"))  # fmt: skip
+    for mode in modes.split()
+]
+
+images = st.one_of(bad_images, st.builds(mutate, st.sampled_from(IMAGE_SAMPLES), edit_lists), st.sampled_from(IMAGE_SAMPLES))
+
+
+@FUZZ
+@given(content=images, channels=st.sampled_from([1, 3]), height=st.integers(1, 9), width=st.integers(1, 9))
+def test_decode_image_gives_the_model_input_or_an_image_error(content, channels, height, width):
+    try:
+        x = decode_image(content, (channels, height, width), name="fuzzed")
+    except ImageError as exc:
+        assert exc.reason in (TOO_MANY_PIXELS, NOT_AN_IMAGE)
+        return
+    assert x.dtype == torch.uint8 and x.shape == (channels, height, width)
+
+
+# YAML config files: what `cnnlab train --config FILE` reads
+
+# Mappings from option names (and section names) to any plain values, as a user might write by mistake.
+option_names = st.sampled_from(["lr", "epochs", "model", "dataset", "optim", "augment", "data", "seed", "momentum"])
+option_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(option_names | st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+yaml_mappings = st.dictionaries(option_names | st.text(max_size=8), option_values, max_size=5).map(yaml.safe_dump)
+
+
+@FUZZ
+@given(document=st.one_of(st.text(max_size=300), yaml_mappings))
+def test_yaml_config_files_load_as_a_mapping_or_fail_clearly(tmp_path, document):
+    path = tmp_path / "run.yaml"
+    path.write_text(document, encoding="utf-8")
+    try:
+        options = load_yaml_config(path)
+    except CnnlabError:
+        return
+    assert isinstance(options, dict)
+
+
+# Checkpoints: what `cnnlab evaluate/predict/export/serve` and `--resume` load
+
+
+@functools.cache
+def checkpoint_bytes() -> bytes:
+    """A small valid checkpoint (LeNet-5 weights, no optimizer state), as `torch.save` writes it."""
+    from tests.train.test_checkpoint import make_checkpoint
+
+    buffer = io.BytesIO()
+    checkpoint = make_checkpoint()
+    torch.save({"cnnlab_checkpoint": 1, "model": checkpoint.model, "model_state": checkpoint.model_state,
+                "normalization": checkpoint.normalization.to_dict(), "classes": list(checkpoint.classes),
+                "dataset": "digits", "epoch": 1, "step": 7}, buffer)  # fmt: skip
+    return buffer.getvalue()
+
+
+def checkpoint_loads_or_is_refused(path):
+    try:
+        checkpoint = load_checkpoint(path)
+    except CnnlabError:
+        return
+    assert isinstance(checkpoint, Checkpoint)
+
+
+@FUZZ
+@given(edits=edit_lists, sidecar=st.sampled_from(["written with it", "garbage"]))
+def test_damaged_checkpoints_beside_their_sidecar_are_refused(tmp_path, edits, sidecar):
+    """What a run directory holds: a flipped, cut or grown checkpoint no longer matches its SHA-256."""
+    path = fresh(tmp_path) / "last.pt"
+    data = mutate(checkpoint_bytes(), edits)
+    path.write_bytes(data)
+    if sidecar == "garbage":
+        digest_path(path).write_bytes(data[:80])
+    else:
+        digest_path(path).write_text(f"{hashlib.sha256(checkpoint_bytes()).hexdigest()}  last.pt\n")
+    if data == checkpoint_bytes() and sidecar != "garbage":
+        assert load_checkpoint(path).epoch == 1
+    else:
+        with pytest.raises(CnnlabError, match="corrupt|cannot be verified"):
+            load_checkpoint(path)
+
+
+checkpoint_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    | st.builds(torch.zeros, st.integers(0, 3)) | st.builds(torch.ones, st.integers(0, 2), st.integers(0, 2)),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+FIELDS = ("model", "model_state", "normalization", "classes", "dataset", "epoch", "step", "optimizer_state", "rng")
+
+
+@FUZZ
+@given(
+    marker=st.integers(-2, 3),
+    fields=st.dictionaries(st.sampled_from(FIELDS), checkpoint_values, max_size=len(FIELDS)),
+    keep=st.sets(st.sampled_from(FIELDS)),
+)
+def test_checkpoints_of_plain_values_with_any_fields_load_or_are_refused(tmp_path, marker, fields, keep):
+    """torch.save of plain values, as a hostile writer could make: the format marker, then any fields."""
+    valid = torch.load(io.BytesIO(checkpoint_bytes()), weights_only=True)
+    payload = {"cnnlab_checkpoint": marker, **{k: valid[k] for k in keep if k in valid}, **fields}
+    path = tmp_path / "plain.pt"
+    torch.save(payload, path)
+    checkpoint_loads_or_is_refused(path)
