@@ -97,7 +97,7 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     Only for a folder no other process is writing to.
     """
     folder = Path(folder)
-    stale = sorted(p for p in folder.glob(".*.tmp") if _TEMP_NAME.match(p.name) and p.is_file())
+    stale = sorted(p for p in folder.glob(".*.tmp") if is_temp_file(p.name) and p.is_file())
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -121,3 +121,8 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def is_temp_file(name: str) -> bool:
+    """Whether `name` is one of this module's temporary files (what a killed writer leaves behind)."""
+    return bool(_TEMP_NAME.match(name))

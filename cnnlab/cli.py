@@ -186,6 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt as exc:
+        # cnnlab is exiting: a further Ctrl-C must not cut the line below or turn the exit status
+        # into death by signal (training has already put the default handler back).
+        # Not put back: main() is the command line's entry point, and the process ends on return.
+        import signal
+
+        if hasattr(exc, "exit_status"):  # a signal training caught (loop.Interrupted)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         # Training raises loop.Interrupted, which says where the run stopped and how to continue it.
         print(f"cnnlab: {exc}" if str(exc) else "cnnlab: interrupted", file=sys.stderr)
         return getattr(exc, "exit_status", EXIT_INTERRUPTED)

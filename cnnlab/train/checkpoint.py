@@ -167,13 +167,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
                 "which are unsafe to load; use a checkpoint written by `cnnlab train`"
             ) from None
         raise CnnlabError(f"{path} is not a readable cnnlab checkpoint ({_reason(exc)}): it is corrupt or of another kind") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - damaged bytes fail the unpickler in many ways (IndexError, struct.error, ...)
         raise CnnlabError(f"{path} is not a readable cnnlab checkpoint ({_reason(exc)}): it is corrupt or of another kind") from None
-    if not isinstance(payload, dict) or _FORMAT_KEY not in payload:
+    marker = payload.get(_FORMAT_KEY) if isinstance(payload, dict) else None
+    if type(marker) is not int:  # noqa: E721 - a bool or a tensor is no format version
         raise CnnlabError(f"{path} is not a cnnlab checkpoint (no format marker): pass a file written by `cnnlab train`")
-    if payload[_FORMAT_KEY] > FORMAT_VERSION:
+    if marker > FORMAT_VERSION:
         raise CnnlabError(f"{path} uses checkpoint format {payload[_FORMAT_KEY]}; upgrade cnnlab to read it")
     try:
+        _check_fields(payload)
         return Checkpoint(
             model=payload["model"],
             model_state=payload["model_state"],
@@ -188,8 +190,24 @@ def load_checkpoint(path: Path) -> Checkpoint:
             metrics=payload.get("metrics"),
             training_state=payload.get("training_state"),
         )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CnnlabError(f"{path} is an incomplete cnnlab checkpoint (missing {exc}): it is corrupt") from None
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+        raise CnnlabError(f"{path} is an incomplete or malformed cnnlab checkpoint ({_reason(exc)}): it is corrupt") from None
+
+
+def _check_fields(payload: dict) -> None:
+    """Raise TypeError unless the fields a checkpoint is rebuilt from have the types save_checkpoint writes."""
+    model = payload["model"]
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str) and isinstance(model.get("num_classes"), int)
+            and isinstance(model.get("in_shape"), (list, tuple)) and len(model["in_shape"]) == 3
+            and all(type(v) is int for v in model["in_shape"])):  # noqa: E721  # fmt: skip
+        raise TypeError("model must name a model, its input shape and its class count")
+    state = payload["model_state"]
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise TypeError("model_state must map names to tensors")
+    if not (isinstance(payload["classes"], (list, tuple)) and all(isinstance(c, str) for c in payload["classes"])):
+        raise TypeError("classes must be a list of names")
+    if not isinstance(payload["dataset"], str) or type(payload["epoch"]) is not int or type(payload["step"]) is not int:  # noqa: E721
+        raise TypeError("dataset must be a name, epoch and step whole numbers")
 
 
 def _verify_digest(path: Path, data: bytes) -> None:

@@ -336,11 +336,13 @@ def save_epoch(
     # to the later epoch: small validation splits (digits: 144 images) often sit at
     # the same accuracy for several epochs while the annealing schedule still improves
     # the model, and the earliest of them tests up to 1% worse.
+    # metrics.csv first: a kill after it and before last.pt is undone on resume, which drops rows
+    # newer than last.pt; the other order lost the epoch's row for good.
+    run.write_metrics(state.rows)
     if not has_val or row["val_accuracy"] >= state.best_accuracy:
         state.best_accuracy = row["val_accuracy"]
         run.save_checkpoint("best", checkpoint)
     run.save_checkpoint("last", checkpoint)
-    run.write_metrics(state.rows)
 
 
 def make_checkpoint(

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from cnnlab.atomicfile import atomic_write_text, remove_stale_temp_files
+from cnnlab.atomicfile import atomic_write_text, is_temp_file, remove_stale_temp_files
 from cnnlab.errors import CnnlabError
 from cnnlab.train.checkpoint import Checkpoint, copy_checkpoint, load_checkpoint, save_checkpoint
 
@@ -119,7 +119,9 @@ class RunDirectory:
         raise CnnlabError(f"{self.path} has no usable checkpoint to resume from: {'; '.join(problems)}")
 
     def has_checkpoints(self) -> bool:
-        return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.pt"))
+        """Whether there is a checkpoint to resume from. A best.pt alone (a run killed between its first
+        best.pt and last.pt) is not one: the run restarts, as if stopped before its first checkpoint."""
+        return any((self.checkpoints / name).is_file() for name in ("last.pt", "last.prev.pt"))
 
     def is_finished(self) -> bool:
         """Whether the run got as far as testing its model (summary.json is written last)."""
@@ -169,7 +171,9 @@ def _holds_a_stopped_run_without_checkpoints(path: Path) -> bool:
     if not path.is_dir():
         return False
     run = RunDirectory(path)
-    return not run.has_checkpoints() and ((path / "config.yaml").is_file() or not any(path.iterdir()))
+    # A temp file alone is a run killed while writing its first config.yaml.
+    kept = [p for p in path.iterdir() if not is_temp_file(p.name)]
+    return not run.has_checkpoints() and ((path / "config.yaml").is_file() or not kept)
 
 
 def code_version() -> str | None:
