@@ -229,6 +229,8 @@ def resolve_config(*layers: dict[str, Any], origin: str = "config", recipe: bool
 
 def recipe_for(model: str, dataset: str) -> dict[str, Any]:
     """The tuned options for training `model` on `dataset`; {} where the defaults are the recipe."""
+    if not (isinstance(model, str) and isinstance(dataset, str)):
+        raise CnnlabError(f"model and dataset must be names, got {model!r} and {dataset!r}")
     return RECIPES.get((model, dataset), {})
 
 
@@ -261,13 +263,18 @@ def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def load_yaml_config(path: Path) -> dict[str, Any]:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise CnnlabError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CnnlabError(f"{path} is not UTF-8 text: save the config file as UTF-8") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise CnnlabError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # noqa: BLE001 - PyYAML's constructors fail on odd documents in many ways
+        # (a date like 2001-13-01, an empty !!timestamp, nesting deeper than Python's stack)
+        raise CnnlabError(f"{path} is not a config cnnlab can read ({type(exc).__name__}): write plain values") from None
     if not isinstance(data, dict):
         raise CnnlabError(f"{path} must hold a mapping of option names to values")
     return data
@@ -276,6 +283,8 @@ def load_yaml_config(path: Path) -> dict[str, Any]:
 def _dataclass_from(cls: type, data: Any, origin: str):
     if not isinstance(data, dict):
         raise CnnlabError(f"{origin} must be a mapping, got {type(data).__name__}")
+    if not all(isinstance(key, str) for key in data):
+        raise CnnlabError(f"{origin}: option names must be text, got {sorted(map(repr, data))[:5]}")
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
@@ -289,8 +298,10 @@ def _dataclass_from(cls: type, data: Any, origin: str):
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
     """Check a YAML value against the type of the field's default."""
-    if default is None or value is None:
-        return value
+    if default is None:
+        return value if value is None or isinstance(value, str) else _refuse(value, "str", where)
+    if value is None:
+        raise CnnlabError(f"{where} needs a value, got nothing (null)")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -303,3 +314,7 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
     elif isinstance(default, tuple) and isinstance(value, (list, tuple)) and len(value) == len(default):
         return tuple(float(v) for v in value)
     raise CnnlabError(f"{where} must be a {type(default).__name__}, got {value!r}")
+
+
+def _refuse(value: Any, kind: str, where: str):
+    raise CnnlabError(f"{where} must be a {kind}, got {value!r}")
