@@ -7,12 +7,13 @@ Every user mistake surfaces as a `CnnlabError`, printed here as one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from cnnlab import __version__
 from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, Resolution, TrainConfig, load_yaml_config, resolve
@@ -319,13 +320,23 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _needs_extra(command: str, extra: str) -> Iterator[None]:
+    """A package of an optional extra missing (imported where it is used, even mid-command): one clear line."""
     try:
-        from cnnlab.tools.export import FORMATS, export_run
+        yield
     except ModuleNotFoundError as exc:
-        raise CnnlabError(f"cnnlab export needs {exc.name}: pip install 'cnnlab[export]'") from None
-    formats = [f.strip() for f in args.format.split(",") if f.strip()] if args.format else list(FORMATS)
-    result = export_run(args.model, formats, args.out)
+        if (exc.name or "").startswith("cnnlab"):
+            raise
+        raise CnnlabError(f"cnnlab {command} needs {exc.name}: pip install 'cnnlab[{extra}]'") from None
+
+
+def _export(args: argparse.Namespace) -> int:
+    with _needs_extra("export", "export"):
+        from cnnlab.tools.export import FORMATS, export_run
+
+        formats = [f.strip() for f in args.format.split(",") if f.strip()] if args.format else list(FORMATS)
+        result = export_run(args.model, formats, args.out)
     if args.json:
         files = {f.format: {"path": str(f.path), "sha256": f.sha256} for f in result.files}
         _print_json({"out": str(result.out), "files": files, "onnx_check": result.onnx_check})
@@ -341,16 +352,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
+    with _needs_extra("serve", "serve"):
         from cnnlab.tools.serve.app import Settings
         from cnnlab.tools.serve.server import serve
-    except ModuleNotFoundError as exc:
-        if (exc.name or "").startswith("cnnlab"):
-            raise
-        raise CnnlabError(f"cnnlab serve needs {exc.name}: pip install 'cnnlab[serve]'") from None
-    settings = Settings(max_batch=args.max_batch, window_ms=args.window_ms, max_body_mb=args.max_body_mb,
-                        max_pending=args.max_pending, log=args.log)  # fmt: skip
-    serve(args.model, args.backend, args.host, args.port, settings)
+
+        settings = Settings(max_batch=args.max_batch, window_ms=args.window_ms, max_body_mb=args.max_body_mb,
+                            max_pending=args.max_pending, log=args.log)  # fmt: skip
+        serve(args.model, args.backend, args.host, args.port, settings)
     return 0
 
 

@@ -96,7 +96,7 @@ class RunDirectory:
     def _newest_good_checkpoint(self) -> Checkpoint:
         last, previous = self.checkpoints / "last.pt", self.checkpoints / "last.prev.pt"
         if not last.is_file() and not previous.is_file():
-            if (self.path / "config.yaml").is_file() and not self.has_checkpoints():
+            if (self.path / "config.yaml").is_file():
                 raise CnnlabError(
                     f"{self.path} has no checkpoint: the run stopped before its first epoch was saved, so there is "
                     "nothing to continue; start it again with the same command (it replaces a run without checkpoints)"

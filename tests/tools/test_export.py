@@ -90,3 +90,18 @@ def test_an_unknown_format_or_a_missing_run_is_one_clear_error(tmp_path, capsys)
         export_run(tmp_path, ["gguf"])
     assert main(["export", str(tmp_path / "nothing"), "--format", "onnx"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_missing_optional_package_is_one_line_naming_the_extra(trained_run, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without_onnx(name, *args, **kwargs):  # onnx is imported mid-export, where it is first used
+        if name == "onnx":
+            raise ModuleNotFoundError("No module named 'onnx'", name="onnx")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without_onnx)
+    assert main(["export", str(trained_run), "--format", "onnx", "--out", str(trained_run / "no-onnx")]) == 2
+    assert capsys.readouterr().err == "cnnlab: error: cnnlab export needs onnx: pip install 'cnnlab[export]'\n"
