@@ -1,0 +1,151 @@
+"""`cnnlab train`: its flags, how they resolve into a TrainConfig, and a new or resumed run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnlab.cli.common import print_json
+from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, Resolution, TrainConfig, load_yaml_config, resolve
+from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:
+    from cnnlab.train.checkpoint import Checkpoint
+
+# Train flags and where each lands in TrainConfig ("optim.lr" is config.optim.lr).
+TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", {"help": "model name (see `cnnlab models`); default lenet5"}),
+    ("--dataset", "dataset", {"help": "dataset name or folder:PATH (see `cnnlab datasets`); default digits"}),
+    ("--data-dir", "data_dir", {"help": "folder holding dataset sub-folders (else $CNNLAB_DATA)"}),
+    ("--epochs", "epochs", {"type": int}),
+    ("--batch-size", "batch_size", {"type": int}),
+    ("--lr", "optim.lr", {"type": float, "help": "peak learning rate"}),
+    ("--optimizer", "optim.name", {"choices": OPTIMIZERS}),
+    ("--momentum", "optim.momentum", {"type": float}),
+    ("--nesterov", "optim.nesterov", {"action": argparse.BooleanOptionalAction}),
+    ("--weight-decay", "optim.weight_decay", {"type": float}),
+    ("--schedule", "optim.schedule", {"choices": SCHEDULES}),
+    ("--step-size", "optim.step_size", {"type": int, "help": "epochs between decays (step schedule)"}),
+    ("--gamma", "optim.gamma", {"type": float, "help": "decay factor (step schedule)"}),
+    ("--warmup", "optim.warmup_fraction", {"type": float, "help": "one-cycle: share of the steps spent "
+                                            "warming up to the peak rate; default 0.25"}),
+    ("--grad-clip", "optim.grad_clip", {"type": float, "help": "max gradient norm; 0 = off"}),
+    ("--label-smoothing", "label_smoothing", {"type": float}),
+    ("--ema", "ema", {"type": float, "help": "validate, save and test a moving average of the weights, "
+                      "with this decay per step (e.g. 0.99); 0 = off"}),
+    ("--val-fraction", "val_fraction", {"type": float}),
+    ("--seed", "seed", {"type": int}),
+    ("--device", "device", {"help": "auto, cpu, cuda, cuda:N or mps"}),
+    ("--engine", "engine", {"choices": ENGINES, "help": "autograd (PyTorch) or manual (cnnlab's own backprop)"}),
+    ("--name", "name", {"help": "run directory name under --runs-dir"}),
+    ("--runs-dir", "runs_dir", {}),
+    ("--crop-padding", "augment.crop_padding", {"type": int, "help": "augment: random crop after padding"}),
+    ("--flip", "augment.flip", {"action": argparse.BooleanOptionalAction, "help": "augment: horizontal flips"}),
+    ("--rotate", "augment.rotate", {"type": float, "help": "augment: max rotation, degrees"}),
+    ("--translate", "augment.translate", {"type": float, "help": "augment: max shift, fraction of size"}),
+    ("--scale", "augment.scale", {"type": float, "help": "augment: max zoom, fraction"}),
+    ("--erase", "augment.erase", {"type": float, "help": "augment: probability of random erasing"}),
+    ("--strict", "strict_data", {"action": "store_true", "help": "folder: datasets: fail on unreadable images"}),
+]
+
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train a model into a run directory",
+        description="Train a model into a run directory. Options resolve in layers: the defaults, then cnnlab's "
+        "tuned recipe for the model and dataset (if it has one), then --config, then flags.",
+    )
+    train.add_argument("--config", type=Path, help="YAML file of options; flags override it")
+    for flag, dest, options in TRAIN_FLAGS:
+        train.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
+    train.add_argument(
+        "--no-recipe", action="store_true", help="the plain defaults, without cnnlab's tuned recipe for the model and dataset"
+    )
+    train.add_argument("--resume", type=Path, metavar="RUN", help="continue the run in this directory")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    train.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    train.set_defaults(handler=_train)
+
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cnnlab.train.loop import fit
+    from cnnlab.train.progress import Progress
+    from cnnlab.train.rundir import RunDirectory
+
+    progress = Progress(stream=sys.stderr if args.json else sys.stdout)
+    if args.resume is not None:
+        run = RunDirectory.open(args.resume)
+        checkpoint = run.resume_checkpoint  # last.pt, or the newest good one if it is damaged
+        result = fit(_resumed_config(args, checkpoint, run_path=run.path), run, progress, resume=checkpoint)
+    else:
+        resolution = _resolve_new_run(args)
+        config = resolution.config
+        if resolution.recipe_applied or resolution.recipe_overridden:
+            progress.message(_recipe_line(resolution))
+        run = RunDirectory.create(Path(config.runs_dir) / (config.name or _run_name(config)), overwrite=args.overwrite)
+        result = fit(config, run, progress)
+
+    test = result.test.evaluation
+    if args.json:
+        print_json({"run_dir": str(result.run_dir), "test_accuracy": test.accuracy, "test_loss": test.loss, "epochs": result.rows})
+    else:
+        print(f"test loss {test.loss:.4f}  test accuracy {100 * test.accuracy:.2f}%")
+        print(f"run saved in {result.run_dir}")
+    return 0
+
+
+def _resolve_new_run(args: argparse.Namespace) -> Resolution:
+    """The defaults, the recipe (unless --no-recipe), --config and the flags, resolved and validated."""
+    file_options = load_yaml_config(args.config) if args.config else {}
+    # Flags are typed by argparse and recipes are cnnlab's own, so a mistake can only be the file's.
+    origin = str(args.config) if args.config else "config"
+    return resolve(file_options, _flag_options(args), origin=origin, recipe=not args.no_recipe)
+
+
+def _resumed_config(args: argparse.Namespace, checkpoint: Checkpoint, *, run_path: Path) -> TrainConfig:
+    """The run's saved config, with the only flags a resumed run may change (--epochs, --device)."""
+    flags = _flag_options(args)
+    if flags.keys() - {"epochs", "device"} or args.no_recipe:
+        raise CnnlabError("--resume continues a run with its saved options; only --epochs and --device may change")
+    # The saved config names the options the run was made with; a recipe must not fill in
+    # any it lacks (a checkpoint older than an option), as the run never had them.
+    # Whether the run can go on (or only be finished) is fit's to say: cnnlab.train.loop.check_resumable.
+    return resolve(checkpoint.config or {}, flags, origin=str(run_path), recipe=False).config
+
+
+def _recipe_line(resolution: Resolution) -> str:
+    """The recipe options that will run, then those a flag or --config overrode, with the values that will run.
+
+    "tuned recipe for lenet5 on digits: batch_size=32, optim.lr=0.05 (epochs=15 overridden: 3)"
+    """
+    config = resolution.config
+    applied = ", ".join(f"{key}={value}" for key, value in resolution.recipe_applied.items())
+    overridden = ", ".join(
+        f"{key}={recipe} overridden: {value}" for key, (recipe, value) in resolution.recipe_overridden.items()
+    )
+    line = f"tuned recipe for {config.model} on {config.dataset}: {applied or 'all of it overridden'}"
+    return f"{line} ({overridden})" if overridden else line
+
+
+def _run_name(config: TrainConfig) -> str:
+    """model-dataset-time, with the characters a folder: dataset's path brings made safe for a folder name."""
+    return f"{config.model}-{config.dataset.replace(':', '_').replace('/', '_')}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+
+def _flag_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The train flags given on the command line, nested as in a config file: {"optim": {"lr": 0.1}}."""
+    options: dict[str, Any] = {}
+    for _, dest, _ in TRAIN_FLAGS:
+        if hasattr(args, dest):
+            section, _, field = dest.rpartition(".")
+            (options.setdefault(section, {}) if section else options)[field] = getattr(args, dest)
+    return options
+
+
