@@ -189,4 +189,7 @@ def code_version() -> str | None:
 
 
 def _format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.6g}"
+    # repr, the shortest text that reads back as the same float: a resumed run picks its best
+    # epoch by comparing new accuracies with these, and 139/144 written as 0.965278 would make
+    # a later tie lose (the straight run keeps the later epoch; the resumed one did not).
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))

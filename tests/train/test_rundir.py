@@ -4,7 +4,7 @@ import pytest
 
 from cnnlab.errors import CnnlabError
 from cnnlab.train.checkpoint import load_checkpoint, save_checkpoint
-from cnnlab.train.rundir import RunDirectory
+from cnnlab.train.rundir import METRIC_COLUMNS, RunDirectory
 from tests.train.test_checkpoint import make_checkpoint
 
 
@@ -103,3 +103,12 @@ def test_a_checkpoint_saved_under_the_old_name_only_is_found(tmp_path):
     save_checkpoint(path / "checkpoints" / "last.pt", make_checkpoint(4))
     (path / "checkpoints" / "last.pt.sha256").unlink()
     assert RunDirectory.open(path).resume_checkpoint.epoch == 4
+
+
+def test_metrics_read_back_as_the_same_floats(tmp_path):
+    """Resume compares new validation accuracies with these: a rounded 139/144 would break a tie."""
+    run = RunDirectory.create(tmp_path / "run", overwrite=False)
+    run.prepare()
+    row = {column: 139 / 144 for column in METRIC_COLUMNS} | {"epoch": 1}
+    run.write_metrics([row])
+    assert run.read_metrics() == [row]
