@@ -1,5 +1,6 @@
 """The row-by-row RNN and LSTM: what they read, and a trained one through evaluate, predict and export."""
 
+import copy
 import json
 
 import numpy as np
@@ -10,7 +11,10 @@ from PIL import Image
 from torch import nn
 
 from cnnlab.cli import main
+from cnnlab.config import OptimConfig, TrainConfig
 from cnnlab.data.sources import load_splits
+from cnnlab.engine import make_engine
+from cnnlab.fast.slices import splittable
 from cnnlab.models import count_parameters, create_model
 from cnnlab.tools.export import export_run
 from cnnlab.tools.predict import Predictor
@@ -38,6 +42,22 @@ def test_the_lstm_has_128_hidden_units_and_its_parameter_count():
     model = create_model("lstm", (1, 28, 28), 10)
     assert model[0].rnn.hidden_size == 128
     assert count_parameters(model) == 4 * 128 * (28 + 128 + 2) + 128 * 10 + 10 == 82_186
+
+
+@pytest.mark.parametrize("engine", ["autograd", "manual"])
+def test_a_step_split_into_slices_equals_the_whole_batchs(engine):
+    """Each image starts from a zero state, so the readers may be split across cores (cnnlab.fast.slices)."""
+    torch.manual_seed(0)
+    model = create_model("lstm", (1, 12, 12), 10).double()
+    assert splittable(model)
+    config = TrainConfig(engine=engine, optim=OptimConfig(name="adam", lr=1e-2))
+    whole, sliced = make_engine(model, config, slices=1), make_engine(copy.deepcopy(model), config, slices=2)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 1, 12, 12, dtype=torch.float64, generator=generator), torch.randint(10, (128,))
+    for step in (whole, sliced):
+        step.train_step(x, y, 1e-2)
+    for (key, a), b in zip(whole.model.state_dict().items(), sliced.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=key)
 
 
 @pytest.fixture(scope="module")
