@@ -33,7 +33,9 @@ from cnnlab.config import OptimConfig, TrainConfig
 from cnnlab.data.sources import load_splits, normalization_for
 from cnnlab.engine import make_engine
 from cnnlab.models import create_model
-from harness import ROOT, alternate, bench_parser, default_dataset, results_path, train_batches, write_docs, write_results
+from harness import (
+    ROOT, alternate, bench_parser, default_dataset, results_path, train_batches, write_docs, write_results,
+)  # fmt: skip
 
 DOCS = ROOT / "docs" / "backprop.md"
 BEGIN, END = "<!-- bench:recurrent:begin (written by bench/recurrent.py) -->", "<!-- bench:recurrent:end -->"

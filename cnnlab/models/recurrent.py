@@ -39,7 +39,7 @@ class RowReader(nn.Module):
         return outputs[:, -1]
 
 
-def row_reader(rnn_type: type[nn.RNN] | type[nn.LSTM], in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+def row_reader(rnn_type: type[nn.RNN | nn.LSTM], in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
     channels, _, width = in_shape
     rnn = rnn_type(channels * width, HIDDEN, batch_first=True)
     return nn.Sequential(RowReader(rnn), nn.Linear(HIDDEN, num_classes))

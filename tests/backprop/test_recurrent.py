@@ -94,5 +94,6 @@ def test_recurrent_modules_it_cannot_rebuild_are_named(rnn, message):
 
 def test_an_image_of_the_wrong_width_names_the_layer_and_the_shapes():
     layer = layer_from_torch(RowReader(nn.LSTM(28, 8, batch_first=True)), "0")
-    with pytest.raises(CnnlabError, match=r"LSTM '0' expects input of shape \(N, C, H, W\) with C\*W = 28, got \(2, 1, 8, 8\)"):
+    expected = r"LSTM '0' expects input of shape \(N, C, H, W\) with C\*W = 28, got \(2, 1, 8, 8\)"
+    with pytest.raises(CnnlabError, match=expected):
         layer.forward(torch.zeros(2, 1, 8, 8))
