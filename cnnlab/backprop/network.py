@@ -24,9 +24,11 @@ from cnnlab.backprop.layer import Layer
 from cnnlab.backprop.linear import Flatten, Linear
 from cnnlab.backprop.norm import BatchNorm1d, BatchNorm2d
 from cnnlab.backprop.pool import AdaptiveAvgPool2d, AvgPool2d, MaxPool2d
+from cnnlab.backprop.recurrent import row_reader_from_torch
 from cnnlab.errors import CnnlabError
 from cnnlab.fast.plan import ConvPool as ConvPoolStep
 from cnnlab.fast.plan import SmallBatchConv, Step, TiledPool, plan
+from cnnlab.models.recurrent import RowReader
 from cnnlab.models.resnet import Residual as ResidualModule
 
 
@@ -134,6 +136,7 @@ _BUILDERS: dict[type, Callable[[nn.Module, str], Layer]] = {
     nn.Tanh: lambda module, path: Tanh(path),
     nn.Sigmoid: lambda module, path: Sigmoid(path),
     nn.Identity: lambda module, path: Sequential([], path),
+    RowReader: row_reader_from_torch,
 }
 
 

@@ -26,6 +26,8 @@ from typing import Callable, Iterator, Sequence, TypeVar
 import torch
 from torch import nn
 
+from cnnlab.models.recurrent import RowReader
+
 MIN_SLICE = 64  # images; smaller slices lose more to per-operator overhead than the second core gains
 # Each slice holds the GIL for its Python part of the step (module calls, autograd.Function
 # plumbing: ~5% of it). Measured on two cores only; beyond a few slices that serial part
@@ -33,7 +35,7 @@ MIN_SLICE = 64  # images; smaller slices lose more to per-operator overhead than
 MAX_SLICES = 4
 STATELESS = (
     nn.Sequential, nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten,
-    nn.Identity,
+    nn.Identity, RowReader, nn.RNN, nn.LSTM,  # the recurrent readers start every image from a zero state
 )  # fmt: skip
 
 Result = TypeVar("Result")
