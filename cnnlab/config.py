@@ -43,6 +43,10 @@ class OptimConfig:
     # Max global gradient norm; 0 turns clipping off. At the peak rate, LeNet-5 on the
     # small digits set diverges without it (85% test instead of 96%); it costs ~3% of a step.
     grad_clip: float = 2.0
+    # Parameter groups (cnnlab.backprop.optim.param_groups): the head's learning rate is
+    # head_lr_mult times the schedule's; bias_decay False spares biases and norm weights the decay.
+    head_lr_mult: float = 1.0
+    bias_decay: bool = True
 
     def validate(self) -> None:
         _check_finite(self)
@@ -66,6 +70,8 @@ class OptimConfig:
             raise CnnlabError(f"--warmup must be in (0, 1), got {self.warmup_fraction}")
         if self.grad_clip < 0:
             raise CnnlabError(f"--grad-clip must be >= 0 (0 turns it off), got {self.grad_clip}")
+        if not self.head_lr_mult > 0:
+            raise CnnlabError(f"--head-lr-mult must be positive (to fix layers: --freeze), got {self.head_lr_mult}")
 
 
 @dataclass

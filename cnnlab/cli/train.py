@@ -49,6 +49,12 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--scale", "augment.scale", {"type": float, "help": "augment: max zoom, fraction"}),
     ("--erase", "augment.erase", {"type": float, "help": "augment: probability of random erasing"}),
     ("--strict", "strict_data", {"action": "store_true", "help": "folder: datasets: fail on unreadable images"}),
+    # Parameter groups (docs/transfer.md)
+    ("--head-lr-mult", "optim.head_lr_mult", {"type": float, "help": "the head's (last Linear layer's) learning "
+                                              "rate, as a multiple of --lr; default 1"}),
+    ("--bias-decay", "optim.bias_decay", {"action": argparse.BooleanOptionalAction, "help": "apply --weight-decay to "
+                                          "biases and batch-norm weights too (default); --no-bias-decay: only to "
+                                          "conv and linear weights"}),
 ]
 
 
