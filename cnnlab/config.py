@@ -118,6 +118,10 @@ class TrainConfig:
     name: str | None = None  # run directory name; derived from model, dataset and time when None
     runs_dir: str = "runs"
     strict_data: bool = False  # an unreadable image in a folder: dataset is an error, not a skipped file
+    # Transfer learning (cnnlab.train.transfer): start from a trained run's weights (a run
+    # directory, a checkpoint or an exported .safetensors) and keep some layers fixed.
+    init_from: str | None = None
+    freeze: str | None = None  # comma-separated: "features" and/or layer names ("0,3")
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -137,8 +141,19 @@ class TrainConfig:
             raise CnnlabError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps")
         if not 0 <= self.val_fraction < 1:
             raise CnnlabError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        self._validate_transfer()
         self.optim.validate()
         self.augment.validate()
+
+    def _validate_transfer(self) -> None:
+        """Whether the layers --freeze names exist is the model's to say (cnnlab.train.transfer)."""
+        if self.init_from is not None and not self.init_from.strip():
+            raise CnnlabError("--init-from needs a run directory, a checkpoint (.pt) or a .safetensors file")
+        if self.freeze is not None:
+            if self.init_from is None:
+                raise CnnlabError("--freeze needs --init-from: frozen layers would keep their random initial weights")
+            if not all(target.strip() for target in self.freeze.split(",")):
+                raise CnnlabError(f"--freeze {self.freeze!r}: name layers separated by commas, e.g. features or 0,3")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
