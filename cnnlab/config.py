@@ -43,6 +43,10 @@ class OptimConfig:
     # Max global gradient norm; 0 turns clipping off. At the peak rate, LeNet-5 on the
     # small digits set diverges without it (85% test instead of 96%); it costs ~3% of a step.
     grad_clip: float = 2.0
+    # Parameter groups (cnnlab.backprop.optim.param_groups): the head's learning rate is
+    # head_lr_mult times the schedule's; bias_decay False spares biases and norm weights the decay.
+    head_lr_mult: float = 1.0
+    bias_decay: bool = True
 
     def validate(self) -> None:
         _check_finite(self)
@@ -66,6 +70,8 @@ class OptimConfig:
             raise CnnlabError(f"--warmup must be in (0, 1), got {self.warmup_fraction}")
         if self.grad_clip < 0:
             raise CnnlabError(f"--grad-clip must be >= 0 (0 turns it off), got {self.grad_clip}")
+        if not self.head_lr_mult > 0:
+            raise CnnlabError(f"--head-lr-mult must be positive (to fix layers: --freeze), got {self.head_lr_mult}")
 
 
 @dataclass
@@ -112,6 +118,10 @@ class TrainConfig:
     name: str | None = None  # run directory name; derived from model, dataset and time when None
     runs_dir: str = "runs"
     strict_data: bool = False  # an unreadable image in a folder: dataset is an error, not a skipped file
+    # Transfer learning (cnnlab.train.transfer): start from a trained run's weights (a run
+    # directory, a checkpoint or an exported .safetensors) and keep some layers fixed.
+    init_from: str | None = None
+    freeze: str | None = None  # comma-separated: "features" and/or layer names ("0,3")
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -131,8 +141,19 @@ class TrainConfig:
             raise CnnlabError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps")
         if not 0 <= self.val_fraction < 1:
             raise CnnlabError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        self._validate_transfer()
         self.optim.validate()
         self.augment.validate()
+
+    def _validate_transfer(self) -> None:
+        """Whether the layers --freeze names exist is the model's to say (cnnlab.train.transfer)."""
+        if self.init_from is not None and not self.init_from.strip():
+            raise CnnlabError("--init-from needs a run directory, a checkpoint (.pt) or a .safetensors file")
+        if self.freeze is not None:
+            if self.init_from is None:
+                raise CnnlabError("--freeze needs --init-from: frozen layers would keep their random initial weights")
+            if not all(target.strip() for target in self.freeze.split(",")):
+                raise CnnlabError(f"--freeze {self.freeze!r}: name layers separated by commas, e.g. features or 0,3")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -5,18 +5,62 @@ torch.optim's arithmetic operation for operation, so both engines take the same
 steps. Parameters and gradients are dicts keyed by state_dict name ("0.weight");
 the optimizer's state is keyed the same way and holds plain tensors and numbers,
 which is what a checkpoint stores.
+
+Parameters come in groups, as torch.optim's param_groups: each group scales the
+learning rate by its own factor and either takes the weight decay or not
+(`param_groups`: the head at --head-lr-mult times the rate, and with
+--no-bias-decay, biases and batch-norm weights without decay). The groups are
+rebuilt from the config on resume, so the saved state needs only the names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from cnnlab.config import OptimConfig
 from cnnlab.errors import CnnlabError
+from cnnlab.models.parts import head_layer
 
 Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    """Parameters (by name) updated at lr_scale times the schedule's rate, with the weight decay or without."""
+
+    names: tuple[str, ...]
+    lr_scale: float = 1.0
+    decay: bool = True
+
+
+def param_groups(model: nn.Module, config: OptimConfig) -> list[ParamGroup]:
+    """`model`'s trainable parameters grouped by (learning-rate scale, decayed), in the model's order.
+
+    The head (the last Linear layer) is scaled by --head-lr-mult; with --no-bias-decay,
+    biases and batch-norm weights (the 1-d parameters) take no weight decay. Parameters
+    that share both settings share a group, so the defaults give one group, as before.
+    Frozen parameters (requires_grad False) are in none.
+    """
+    head = head_layer(model)
+    groups: dict[tuple[float, bool], list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = config.head_lr_mult if name.rpartition(".")[0] == head else 1.0
+            groups.setdefault((scale, config.bias_decay or p.dim() > 1), []).append(name)
+    return [ParamGroup(tuple(names), scale, decay) for (scale, decay), names in groups.items()]
+
+
+def _each_parameter(
+    groups: Sequence[ParamGroup], grads: Tensors, lr: float, weight_decay: float
+) -> Iterator[tuple[str, torch.Tensor, float, float]]:
+    """(name, gradient, learning rate, weight decay) for every parameter, as its group sets them."""
+    for group in groups:
+        for name in group.names:
+            yield name, grads[name], lr * group.lr_scale, weight_decay if group.decay else 0.0
 
 
 class SGD:
@@ -32,17 +76,19 @@ class SGD:
 
     def __init__(
         self, params: Tensors, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-        dampening: float = 0.0,
+        dampening: float = 0.0, groups: Sequence[ParamGroup] | None = None,
     ) -> None:  # fmt: skip
         self.params = params
         self.momentum, self.nesterov, self.weight_decay, self.dampening = momentum, nesterov, weight_decay, dampening
+        self.groups = list(groups) if groups is not None else [ParamGroup(tuple(params))]
         self.state: dict[str, Tensors] = {}  # name -> {"momentum_buffer": v}, from the first step on
 
     def step(self, grads: Tensors, lr: float) -> None:
-        for name, g in grads.items():
+        """grads: a gradient for every parameter of the groups, by name; lr: the schedule's rate, scaled per group."""
+        for name, g, rate, weight_decay in _each_parameter(self.groups, grads, lr, self.weight_decay):
             w = self.params[name]
-            if self.weight_decay:
-                g = g.add(w, alpha=self.weight_decay)
+            if weight_decay:
+                g = g.add(w, alpha=weight_decay)
             if self.momentum:
                 if name not in self.state:
                     self.state[name] = {"momentum_buffer": g.clone()}
@@ -51,7 +97,7 @@ class SGD:
                     v = self.state[name]["momentum_buffer"]
                     v.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
                 g = g.add(v, alpha=self.momentum) if self.nesterov else v
-            w.add_(g, alpha=-lr)
+            w.add_(g, alpha=-rate)
 
     def state_dict(self) -> dict:
         return _state_dict(self.kind, self.state)
@@ -76,30 +122,32 @@ class Adam:
 
     def __init__(
         self, params: Tensors, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-        weight_decay: float = 0.0, decoupled: bool = False,
+        weight_decay: float = 0.0, decoupled: bool = False, groups: Sequence[ParamGroup] | None = None,
     ) -> None:  # fmt: skip
         self.params = params
         self.beta1, self.beta2 = betas
         self.eps, self.weight_decay, self.decoupled = eps, weight_decay, decoupled
         self.kind = "adamw" if decoupled else "adam"
+        self.groups = list(groups) if groups is not None else [ParamGroup(tuple(params))]
         self.state: dict[str, dict] = {}  # name -> {"step": t, "exp_avg": m, "exp_avg_sq": v}
 
     def step(self, grads: Tensors, lr: float) -> None:
-        for name, g in grads.items():
+        """grads: a gradient for every parameter of the groups, by name; lr: the schedule's rate, scaled per group."""
+        for name, g, rate, weight_decay in _each_parameter(self.groups, grads, lr, self.weight_decay):
             w = self.params[name]
             if name not in self.state:
                 self.state[name] = {"step": 0, "exp_avg": torch.zeros_like(w), "exp_avg_sq": torch.zeros_like(w)}
             state = self.state[name]
             state["step"] += 1
             t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-            if self.weight_decay:
+            if weight_decay:
                 if self.decoupled:
-                    w.mul_(1 - lr * self.weight_decay)
+                    w.mul_(1 - rate * weight_decay)
                 else:
-                    g = g.add(w, alpha=self.weight_decay)
+                    g = g.add(w, alpha=weight_decay)
             m.lerp_(g, 1 - self.beta1)
             v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-            step_size = lr / (1 - self.beta1**t)
+            step_size = rate / (1 - self.beta1**t)
             denominator = (v.sqrt() / (1 - self.beta2**t) ** 0.5).add_(self.eps)
             w.addcdiv_(m, denominator, value=-step_size)
 
@@ -113,12 +161,16 @@ class Adam:
 Optimizer = SGD | Adam
 
 
-def build_optimizer(config: OptimConfig, params: Tensors) -> Optimizer:
-    """The optimizer `config` names, over `params` (the learning rate comes with each step)."""
+def build_optimizer(config: OptimConfig, params: Tensors, groups: Sequence[ParamGroup] | None = None) -> Optimizer:
+    """The optimizer `config` names, over `params` in `groups` (default: one group of all of them).
+
+    The learning rate comes with each step.
+    """
     if config.name == "sgd":
-        return SGD(params, config.momentum, config.nesterov, config.weight_decay)
+        return SGD(params, config.momentum, config.nesterov, config.weight_decay, groups=groups)
     if config.name in ("adam", "adamw"):
-        return Adam(params, tuple(config.betas), weight_decay=config.weight_decay, decoupled=config.name == "adamw")
+        return Adam(params, tuple(config.betas), weight_decay=config.weight_decay, decoupled=config.name == "adamw",
+                    groups=groups)  # fmt: skip
     raise CnnlabError(f"unknown optimizer '{config.name}': choose one of sgd, adam, adamw")
 
 

@@ -49,6 +49,16 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--scale", "augment.scale", {"type": float, "help": "augment: max zoom, fraction"}),
     ("--erase", "augment.erase", {"type": float, "help": "augment: probability of random erasing"}),
     ("--strict", "strict_data", {"action": "store_true", "help": "folder: datasets: fail on unreadable images"}),
+    # Transfer learning and parameter groups (docs/transfer.md)
+    ("--init-from", "init_from", {"metavar": "RUN", "help": "start from the weights of a run directory, checkpoint "
+                                  "(.pt) or exported .safetensors; the head is replaced when the classes differ"}),
+    ("--freeze", "freeze", {"metavar": "LAYERS", "help": "with --init-from: keep these layers fixed, comma-separated: "
+                            "features (the layers before the first Linear) and/or layer names such as 0,3"}),
+    ("--head-lr-mult", "optim.head_lr_mult", {"type": float, "metavar": "K", "help": "the head's (last Linear "
+                                              "layer's) learning rate, as a multiple of --lr; default 1"}),
+    ("--bias-decay", "optim.bias_decay", {"action": argparse.BooleanOptionalAction, "help": "apply --weight-decay to "
+                                          "biases and batch-norm weights too (default); --no-bias-decay: only to "
+                                          "conv and linear weights"}),
 ]
 
 

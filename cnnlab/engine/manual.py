@@ -22,7 +22,7 @@ from torch import nn
 
 from cnnlab.backprop.losses import SoftmaxCrossEntropy
 from cnnlab.backprop.network import Sequential
-from cnnlab.backprop.optim import build_optimizer
+from cnnlab.backprop.optim import build_optimizer, param_groups
 from cnnlab.config import TrainConfig
 from cnnlab.engine.step import SlicedStep, slices_for
 
@@ -43,9 +43,11 @@ class ManualEngine:
         for network in self.networks:
             # dL/d(images) is never used: the first layer may skip computing it.
             network.skip_input_grad()
-        self.params = self.networks[0].parameters()  # name -> tensor shared with the model
+        # name -> tensor shared with the model; frozen ones (--freeze) are neither stepped nor clipped
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.params = {name: p for name, p in self.networks[0].parameters().items() if name in trainable}
         self.names, self.sizes = list(self.params), [p.numel() for p in self.params.values()]
-        self.optimizer = build_optimizer(config.optim, self.params)
+        self.optimizer = build_optimizer(config.optim, self.params, param_groups(model, config.optim))
         self.step = SlicedStep(self._loss_and_gradient, self._update, count, config.optim.grad_clip)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:

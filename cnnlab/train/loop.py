@@ -41,6 +41,7 @@ from cnnlab.train.plots import plot_confusion, plot_curves
 from cnnlab.train.progress import Progress
 from cnnlab.train.rundir import RunDirectory, code_version
 from cnnlab.train.schedule import learning_rate
+from cnnlab.train.transfer import transfer
 
 if TYPE_CHECKING:
     from cnnlab.data.augment import BatchAugmenter
@@ -246,7 +247,7 @@ def _fit(
 def prepare(
     config: TrainConfig, *, splits: DatasetSplits, device: torch.device, progress: Progress, resume: Checkpoint | None
 ) -> TrainSetup:
-    """The model (initialised from the seed, or with `resume`'s weights), its engine, data and generators.
+    """The model (initialised from the seed, --init-from's weights or `resume`'s), its engine, data and generators.
 
     The order matters for reproducibility: the model is the first thing after loading
     the data to draw from the global RNG.
@@ -259,6 +260,9 @@ def prepare(
     if resume is not None:
         saved = resume.build_model()  # checks that the weights fit the model
         model.load_state_dict(saved.state_dict() if resume.training_state is None else resume.training_state)
+    # --init-from and --freeze, before the engine: it trains only what requires gradients
+    if transferred := transfer(model, config, splits.classes, resumed=resume is not None):
+        progress.message(transferred)
     engine = make_engine(model.to(device), config)
     steps_per_epoch = -(-len(data) // config.batch_size)
     return TrainSetup(

@@ -5,9 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnnlab.backprop.optim import SGD, Adam, build_optimizer, clip_grad_norm
+from cnnlab.backprop.optim import SGD, Adam, ParamGroup, build_optimizer, clip_grad_norm, param_groups
 from cnnlab.config import OptimConfig
 from cnnlab.errors import CnnlabError
+from cnnlab.models import create_model
 
 SHAPES = {"0.weight": (4, 3), "0.bias": (4,), "2.weight": (2, 4, 3, 3)}
 
@@ -107,3 +108,70 @@ def test_gradient_clipping_matches_clip_grad_norm(max_norm):
     torch.testing.assert_close(norm, expected, rtol=1e-14, atol=0)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name].grad, rtol=1e-14, atol=0)
+
+
+# Two groups over SHAPES: the weights at the schedule's rate with decay, the bias at 3x without.
+GROUPS = [ParamGroup(("0.weight", "2.weight"), 1.0, True), ParamGroup(("0.bias",), 3.0, False)]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_parameter_groups_take_torch_optims_steps_with_their_own_rates_and_decay(name):
+    config = OptimConfig(name=name, momentum=0.9, nesterov=True, weight_decay=0.05)
+    ours, theirs = twin_parameters(5)
+    optimizer = build_optimizer(config, ours, GROUPS)
+    torch_groups = [{"params": [theirs[n] for n in g.names], "weight_decay": 0.05 if g.decay else 0.0} for g in GROUPS]
+    if name == "sgd":
+        reference = torch.optim.SGD(torch_groups, lr=0.1, momentum=0.9, nesterov=True)
+    else:
+        kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        reference = kind(torch_groups, lr=0.1, foreach=False)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(20):
+        lr = 0.05 / (1 + step)
+        grads = {n: torch.randn(t.shape, dtype=torch.float64, generator=generator) for n, t in ours.items()}
+        for group, ours_group in zip(reference.param_groups, GROUPS):
+            group["lr"] = lr * ours_group.lr_scale
+        for n, p in theirs.items():
+            p.grad = grads[n].clone()
+        reference.step()
+        optimizer.step(grads, lr)
+    assert_same(ours, theirs)
+
+
+def test_a_model_is_grouped_by_head_and_by_decay_and_frozen_parameters_are_left_out():
+    model = create_model("lenet5", (1, 28, 28), 10)
+    assert param_groups(model, OptimConfig()) == [ParamGroup(tuple(name for name, _ in model.named_parameters()))]
+    model[0].requires_grad_(False)  # the first convolution, frozen
+    groups = param_groups(model, OptimConfig(head_lr_mult=10.0, bias_decay=False))
+    assert groups == [
+        ParamGroup(("3.weight", "7.weight", "9.weight"), 1.0, True),
+        ParamGroup(("3.bias", "7.bias", "9.bias"), 1.0, False),
+        ParamGroup(("11.weight",), 10.0, True),
+        ParamGroup(("11.bias",), 10.0, False),
+    ]
+    norms = param_groups(create_model("resnet8", (1, 16, 16), 10), OptimConfig(bias_decay=False))
+    assert "1.weight" in norms[1].names and "1.bias" in norms[1].names and not norms[1].decay  # batch norm's
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_grouped_state_resumes_exactly_through_a_checkpoint_file(name):
+    config = OptimConfig(name=name, momentum=0.9, weight_decay=0.05)
+    straight, _ = twin_parameters(6)
+    split, _ = twin_parameters(6)
+    generator = torch.Generator().manual_seed(6)
+    gradients = [{n: torch.randn(t.shape, dtype=torch.float64, generator=generator) for n, t in straight.items()}
+                 for _ in range(8)]  # fmt: skip
+    optimizer = build_optimizer(config, straight, GROUPS)
+    for grads in gradients:
+        optimizer.step(grads, 0.05)
+    first = build_optimizer(config, split, GROUPS)
+    for grads in gradients[:4]:
+        first.step(grads, 0.05)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = build_optimizer(config, split, GROUPS)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for grads in gradients[4:]:
+        resumed.step(grads, 0.05)
+    assert_same(straight, split)
