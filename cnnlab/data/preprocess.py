@@ -67,7 +67,7 @@ def measure_framing(images: torch.Tensor) -> Framing | None:
     if images.dim() != 4 or images.shape[1] != 1 or len(images) == 0:
         return None
     pixels = images[:, 0].to(torch.float32)  # (N, H, W)
-    border = _border(pixels)  # (N, 4H+4W-4)
+    border = torch.from_numpy(_border(pixels.numpy()))  # (N, 2H+2W-4)
     background = float(border.median())
     if float(((border - background).abs() < UNIFORM_LEVEL).to(torch.float32).mean(dim=1).median()) < UNIFORM_SHARE:
         return None
@@ -100,7 +100,7 @@ def frame(grey: Image.Image, framing: Framing, size: tuple[int, int]) -> np.ndar
         grey = grey.copy()
         grey.thumbnail((WORK_SIDE, WORK_SIDE), Image.BILINEAR)
     pixels = np.asarray(grey, dtype=np.float32)  # (h, w)
-    background = float(np.median(_border(torch.from_numpy(pixels)[None]).numpy()))
+    background = float(np.median(_border(pixels[None])))
     if (background < 128) != (framing.background == "dark"):
         pixels, background = 255.0 - pixels, 255.0 - background
     ink = np.abs(pixels - background)
@@ -130,9 +130,9 @@ def frame(grey: Image.Image, framing: Framing, size: tuple[int, int]) -> np.ndar
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _border(pixels: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) -> (N, B): each image's outermost rows and columns."""
-    return torch.cat([pixels[:, 0, :], pixels[:, -1, :], pixels[:, 1:-1, 0], pixels[:, 1:-1, -1]], dim=1)
+def _border(pixels: np.ndarray) -> np.ndarray:
+    """(N, H, W) -> (N, 2H+2W-4): each image's outermost rows and columns."""
+    return np.concatenate([pixels[:, 0, :], pixels[:, -1, :], pixels[:, 1:-1, 0], pixels[:, 1:-1, -1]], axis=1)
 
 
 def _first(mask: torch.Tensor) -> torch.Tensor:
