@@ -80,11 +80,13 @@ def decode_image(
                 pixels = frame(converted, framing, (height, width))
             else:
                 pixels = np.asarray(converted.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+    except Image.DecompressionBombError:  # Pillow's own limit, checked while opening: past twice its MAX_IMAGE_PIXELS
+        raise ImageError(f"{name} claims more than {max_pixels:,} pixels: shrink it first", TOO_MANY_PIXELS) from None
     except UnidentifiedImageError:  # Pillow's message names the BytesIO object, which says nothing to a user
         message = f"cannot read image {name}: not a PNG, JPEG, BMP, WebP, GIF, TIFF or PPM image"
         raise ImageError(message, NOT_AN_IMAGE) from None
     # Pillow reports corrupt data through all of these, depending on the format and where the damage is.
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"cannot read image {name}: {exc}", NOT_AN_IMAGE) from None
     tensor = torch.from_numpy(pixels.copy())
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
