@@ -544,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             probe_image = base64.b64decode(images["png"][0])
             for server in servers:
                 server.wait_ready(readiness_probe(server, probe_image), deadline)
-            print(f"{len(servers)} servers ready; {rounds} rounds of {duration:g} s per server, {clients} clients", flush=True)
+            names = ", ".join(server.key for server in servers)
+            print(f"servers ready ({names}); {rounds} rounds of {duration:g} s per server, {clients} clients", flush=True)
             windows: dict[str, list[dict]] = {server.key: [] for server in servers}
             order = []
             for turn in range(rounds):
