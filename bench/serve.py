@@ -254,7 +254,8 @@ class Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(self.root), os.environ.get("PYTHONPATH")]))}
+        paths = [str(self.root), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(self.command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=env)  # fmt: skip
@@ -545,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers:
                 server.wait_ready(readiness_probe(server, probe_image), deadline)
             names = ", ".join(server.key for server in servers)
-            print(f"servers ready ({names}); {rounds} rounds of {duration:g} s per server, {clients} clients", flush=True)
+            plan = f"{rounds} rounds of {duration:g} s per server, {clients} clients"
+            print(f"servers ready ({names}); {plan}", flush=True)
             windows: dict[str, list[dict]] = {server.key: [] for server in servers}
             order = []
             for turn in range(rounds):
@@ -576,8 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         "generator": "bench/serve.py generate: raw asyncio streams, keep-alive, one process",
         "servers": summaries,
         "ratios": ratios(summaries["seed_flask"], summaries["cnnlab"]),
-        **({"baseline": args.baseline, "baseline_ratios": ratios(summaries["baseline"], summaries["cnnlab"])}
-           if args.baseline else {}),  # fmt: skip
+        **(
+            {"baseline": args.baseline, "baseline_ratios": ratios(summaries["baseline"], summaries["cnnlab"])}
+            if args.baseline
+            else {}
+        ),
         "load_average": {"before": load_before, "after": load_average()},
         "wall_s": round(time.time() - started, 1),
     }

@@ -91,7 +91,9 @@ def measure_framing(images: torch.Tensor) -> Framing | None:
     centre_y, centre_x = (h - 1) / 2, (w - 1) / 2
     off_mass = float(((mass_y - centre_y) ** 2 + (mass_x - centre_x) ** 2).sqrt().mean())
     off_box = float(((box_y - centre_y) ** 2 + (box_x - centre_x) ** 2).sqrt().mean())
-    return Framing("dark" if background < 128 else "light", round(min(fill, 1.0), 4), "mass" if off_mass <= off_box else "box")
+    return Framing(
+        "dark" if background < 128 else "light", round(min(fill, 1.0), 4), "mass" if off_mass <= off_box else "box"
+    )
 
 
 def frame(grey: Image.Image, framing: Framing, size: tuple[int, int]) -> np.ndarray:
@@ -109,7 +111,10 @@ def frame(grey: Image.Image, framing: Framing, size: tuple[int, int]) -> np.ndar
     if strongest < 1:  # a blank image: nothing to crop or centre
         return np.full(size, 0 if framing.background == "dark" else 255, dtype=np.uint8)
     ink = np.clip(ink * (255.0 / strongest), 0, 255)  # (h, w): 0 background, 255 the strongest ink
-    rows, cols = np.flatnonzero(ink.max(axis=1) > 255 * CONTENT_LEVEL), np.flatnonzero(ink.max(axis=0) > 255 * CONTENT_LEVEL)
+    rows, cols = (
+        np.flatnonzero(ink.max(axis=1) > 255 * CONTENT_LEVEL),
+        np.flatnonzero(ink.max(axis=0) > 255 * CONTENT_LEVEL),
+    )
     crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     scale = framing.fill * min(height, width) / max(crop.shape)
     new_h, new_w = max(1, min(height, round(crop.shape[0] * scale))), max(1, min(width, round(crop.shape[1] * scale)))

@@ -259,16 +259,20 @@ def model_card(info: ModelInfo, checkpoint: Checkpoint, summary: dict[str, Any],
 def _framing_line(framing: Framing | None) -> str:
     if framing is None:
         return "resized to the input size (the training images have no uniform background, or were not found)."
-    return (f"as the training images: {framing.background} background (inverted when the image's border says "
-            f"otherwise), cropped to the content, its longer side scaled to {100 * framing.fill:.0f}% of the image, "
-            f"centred by its {'centre of mass' if framing.centre == 'mass' else 'bounding box'}.")
+    return (
+        f"as the training images: {framing.background} background (inverted when the image's border says "
+        f"otherwise), cropped to the content, its longer side scaled to {100 * framing.fill:.0f}% of the image, "
+        f"centred by its {'centre of mass' if framing.centre == 'mass' else 'bounding box'}."
+    )
 
 
 def _ood_line(ood: OodCheck | None) -> str:
     if ood is None:
         return "none (no validation split was found to calibrate it on)."
-    return (f"an input whose top class probability is under {ood.threshold:.4f} is flagged; "
-            f"{100 * ood.flag_rate:.1f}% of the {ood.images} validation images were.")
+    return (
+        f"an input whose top class probability is under {ood.threshold:.4f} is flagged; "
+        f"{100 * ood.flag_rate:.1f}% of the {ood.images} validation images were."
+    )
 
 
 def _floats(values: Sequence[float]) -> str:

@@ -14,7 +14,9 @@ from cnnlab.data.preprocess import Framing, frame, measure_framing
 from cnnlab.data.sources import load_splits
 
 
-def users_picture(image: torch.Tensor, canvas: tuple[int, int] = (640, 480), at: tuple[int, int] = (30, 150)) -> Image.Image:
+def users_picture(
+    image: torch.Tensor, canvas: tuple[int, int] = (640, 480), at: tuple[int, int] = (30, 150)
+) -> Image.Image:
     """(1, 28, 28) uint8 light-on-dark digit -> as a user photographs it: dark ink on white paper, ten times
     larger (280 x 280), off-centre in a `canvas` (W, H) picture whose paper is not quite white."""
     digit = Image.fromarray(255 - image[0].numpy()).resize((280, 280), Image.BILINEAR)
@@ -45,7 +47,9 @@ def test_images_centred_by_mass_on_white_are_measured_so():
     ink[:, :, 4:24, 12:16] = 255  # a heavy bar 20 pixels high, centred...
     ink[:, :, 4, 16:25] = 255  # ...with a thin tail to the right: its box is off-centre, its centre of mass is not
     framing = measure_framing(255 - ink)  # dark ink on white
-    assert (framing.background, framing.centre) == ("light", "mass") and framing.fill == pytest.approx(20 / 28, abs=0.01)
+    assert (framing.background, framing.centre) == ("light", "mass") and framing.fill == pytest.approx(
+        20 / 28, abs=0.01
+    )
 
 
 def test_images_without_a_common_background_have_no_framing():

@@ -102,7 +102,9 @@ def assert_refused(response: httpx.Response, *statuses: int) -> None:
     assert response.json()["reason"] in REFUSALS[response.status_code] and response.json()["error"]
 
 
-FUZZ = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 @FUZZ
