@@ -35,6 +35,7 @@ CONTENT_LEVEL = 0.2  # of the ink's contrast: fainter pixels are background when
 # UNIFORM_LEVEL (of 255) of the background: all of them in digits and MNIST, 88% in Fashion-MNIST (clothes touch
 # the edges), about 12% in uniform noise; photographs (CIFAR) have no common background.
 UNIFORM_LEVEL, UNIFORM_SHARE = 16.0, 0.75
+MEASURED = 10_000  # training images measured at most (the first ones): medians settle long before, memory does not
 WORK_SIDE = 512  # larger images are shrunk to this longer side before framing (cost, not accuracy)
 BACKGROUNDS = ("dark", "light")
 CENTRES = ("mass", "box")
@@ -62,11 +63,11 @@ class Framing:
 
 
 def measure_framing(images: torch.Tensor) -> Framing | None:
-    """images: (N, 1, H, W) uint8 training images -> how they are framed; None when their background is not
-    uniform (photographs) or they are not grey, and framing would distort them."""
+    """images: (N, 1, H, W) uint8 training images (the first MEASURED of them are read) -> how they are framed;
+    None when their background is not uniform (photographs) or they are not grey, and framing would distort them."""
     if images.dim() != 4 or images.shape[1] != 1 or len(images) == 0:
         return None
-    pixels = images[:, 0].to(torch.float32)  # (N, H, W)
+    pixels = images[:MEASURED, 0].to(torch.float32)  # (N, H, W)
     border = torch.from_numpy(_border(pixels.numpy()))  # (N, 2H+2W-4)
     background = float(border.median())
     if float(((border - background).abs() < UNIFORM_LEVEL).to(torch.float32).mean(dim=1).median()) < UNIFORM_SHARE:
