@@ -15,12 +15,18 @@ its own (`serve.py generate`): raw asyncio streams over keep-alive connections, 
 requests built once, its CPU share over each window reported so a reader can tell it
 was not the bottleneck.
 
+With `--baseline REF`, a third server joins them: (c) cnnlab serve as of the git
+commit REF (extracted with `git archive`, run from its own folder in the same Python
+environment), so that a change to the server is measured side by side with what it
+changed, under the same load on the same host at the same time.
+
 Per server: requests/s, latency p50/p95/p99 (pooled over the rounds), errors (non-200
 answers and exceptions), top-1 accuracy of the answers, server RSS (VmRSS) before the
-first window and after the last, its CPU per request; ratios b/a of requests/s and p99,
-pooled and per round.
+first window and after the last, its CPU per request; ratios b/a (and b/c) of
+requests/s and p99, pooled and per round.
 
-    python bench/serve.py [--run RUN] [--clients 64] [--duration 60] [--rounds 2] [--soak S] [--quick] [--out PATH]
+    python bench/serve.py [--run RUN] [--clients 64] [--duration 60] [--rounds 2] [--soak S] [--baseline REF]
+                          [--quick] [--out PATH]
 
 Results go to bench/results/serve.json (a --quick run's to the temporary folder).
 """
@@ -57,7 +63,7 @@ STARTUP_TIMEOUT = 180.0  # seconds for a server to load, export (cnnlab) and ans
 STOP_TIMEOUT = 15.0  # seconds between terminate and kill
 QUICK = {"clients": 4, "duration": 1.5, "warmup": 0.3, "rounds": 2}
 
-# (key, label, predict path)
+# (key, label, predict path); with --baseline, ("baseline", "(c) cnnlab serve at REF", the same path) joins them
 SERVERS = (
     ("seed_flask", "(a) seed tutorial's Flask app", "/predict"),
     ("cnnlab", "(b) cnnlab serve", "/v1/predict?top_k=1"),
@@ -241,15 +247,18 @@ def cpu_seconds(pid: int) -> float | None:
 class Server:
     """A server in its own process, its output in a log file; `stop` terminates it, then kills it."""
 
-    def __init__(self, key: str, label: str, path: str, command: list[str], log: Path) -> None:
+    def __init__(self, key: str, label: str, path: str, command: list[str], log: Path, root: Path = ROOT) -> None:
         self.key, self.label, self.path, self.command, self.log_path = key, label, path, command, log
+        self.root = root  # the cnnlab checkout it runs from
         self.port = int(command[command.index("--port") + 1])
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        paths = [str(self.root), os.environ.get("PYTHONPATH")]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(self.command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)  # fmt: skip
+            self.process = subprocess.Popen(self.command, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=env)  # fmt: skip
 
     def wait_ready(self, probe: urllib.request.Request, deadline: float) -> None:
         """Until `probe` answers 200; a server that exits or misses `deadline` is an error, with its log."""
@@ -292,10 +301,25 @@ class Server:
 
 def readiness_probe(server: Server, png: bytes) -> urllib.request.Request:
     """cnnlab's /readyz; the tutorial's app has no such route: it is ready when it answers a prediction."""
-    if server.key == "cnnlab":
+    if server.key != "seed_flask":
         return urllib.request.Request(f"http://{HOST}:{server.port}/readyz")
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     return urllib.request.Request(f"http://{HOST}:{server.port}{server.path}", multipart_body(png), headers)
+
+
+def checkout(ref: str, folder: Path) -> Path:
+    """cnnlab's files as of git commit `ref`, extracted into `folder`."""
+    import io
+    import tarfile
+
+    try:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", ref], check=True,
+                                 capture_output=True, timeout=60).stdout  # fmt: skip
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"--baseline {ref}: git archive failed: {exc.stderr.decode(errors='replace').strip()}")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
 
 
 def train_run(folder: Path) -> Path:
@@ -461,6 +485,10 @@ def markdown(results: dict) -> str:
         f"b/a: requests/s x{r['requests_per_s']}{each(r['requests_per_s_each_round'])}; "
         f"p99 latency x{r['p99']}{each(r['p99_each_round'])} (per round in brackets).",
     ]
+    if "baseline_ratios" in results:
+        r = results["baseline_ratios"]
+        lines.append(f"b/c: requests/s x{r['requests_per_s']}{each(r['requests_per_s_each_round'])}; "
+                     f"p99 latency x{r['p99']}{each(r['p99_each_round'])}.")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -476,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds, each server once per round (default 2)")
     parser.add_argument("--soak", type=float, metavar="S", help="a long run for memory growth: S seconds per "
                         "server in one round (300 or more to see a leak)")  # fmt: skip
+    parser.add_argument("--baseline", metavar="REF", help="also serve with cnnlab as of git commit REF, as server (c), "
+                        "to measure a change side by side")  # fmt: skip
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else {"clients": 64, "duration": 60.0, "warmup": 2.0, "rounds": 2}
     if args.soak is not None:
@@ -497,11 +527,17 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch_name)
         run = args.run.resolve() if args.run else train_run(scratch / "runs")
         images = test_images(run, scratch / "images.json")
+        contenders = list(SERVERS)
         commands = {
             "seed_flask": [sys.executable, str(BENCH / "seed_serve.py"), str(run), "--port", str(free_port())],
             "cnnlab": [sys.executable, "-m", "cnnlab", "serve", str(run), "--port", str(free_port())],
         }
-        servers = [Server(key, label, path, commands[key], scratch / f"{key}.log") for key, label, path in SERVERS]
+        roots = {"baseline": checkout(args.baseline, scratch / "baseline")} if args.baseline else {}
+        if args.baseline:
+            contenders.append(("baseline", f"(c) cnnlab serve at {args.baseline}", "/v1/predict?top_k=1"))
+            commands["baseline"] = [sys.executable, "-m", "cnnlab", "serve", str(run), "--port", str(free_port())]
+        servers = [Server(key, label, path, commands[key], scratch / f"{key}.log", roots.get(key, ROOT))
+                   for key, label, path in contenders]  # fmt: skip
         try:
             for server in servers:
                 server.start()
@@ -509,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
             probe_image = base64.b64decode(images["png"][0])
             for server in servers:
                 server.wait_ready(readiness_probe(server, probe_image), deadline)
-            print(f"both servers ready; {rounds} rounds of {duration:g} s per server, {clients} clients", flush=True)
+            names = ", ".join(server.key for server in servers)
+            plan = f"{rounds} rounds of {duration:g} s per server, {clients} clients"
+            print(f"servers ready ({names}); {plan}", flush=True)
             windows: dict[str, list[dict]] = {server.key: [] for server in servers}
             order = []
             for turn in range(rounds):
@@ -524,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
             for server in servers:
                 server.stop()
 
-    summaries = {key: summarize(label, commands[key], windows[key]) for key, label, _ in SERVERS}
+    summaries = {key: summarize(label, commands[key], windows[key]) for key, label, _ in contenders}
     results = {
         "benchmark": "serving LeNet-5 over HTTP: the seed tutorial's Flask app against cnnlab serve",
         "quick": args.quick,
@@ -540,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         "generator": "bench/serve.py generate: raw asyncio streams, keep-alive, one process",
         "servers": summaries,
         "ratios": ratios(summaries["seed_flask"], summaries["cnnlab"]),
+        **(
+            {"baseline": args.baseline, "baseline_ratios": ratios(summaries["baseline"], summaries["cnnlab"])}
+            if args.baseline
+            else {}
+        ),
         "load_average": {"before": load_before, "after": load_average()},
         "wall_s": round(time.time() - started, 1),
     }

@@ -97,7 +97,8 @@ def _predict(args: argparse.Namespace) -> int:
         return 0
     for path, prediction in zip(args.images, predictions):
         ranked = ", ".join(f"{c} {100 * p:.1f}%" for c, p in zip(prediction.classes, prediction.probabilities))
-        print(f"{path}: {ranked}")
+        unlike = " (unlike the training images: do not trust this)" if prediction.out_of_distribution else ""
+        print(f"{path}: {ranked}{unlike}")
     return 0
 
 

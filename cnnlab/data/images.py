@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from cnnlab.data.preprocess import Framing, frame
 from cnnlab.errors import CnnlabError
 
 MAX_PIXELS = 40_000_000  # 40 megapixels: larger than any camera photo a user would classify
@@ -34,7 +35,7 @@ class ImageError(CnnlabError):
         self.reason = reason
 
 
-def load_image(path: Path, in_shape: tuple[int, int, int]) -> torch.Tensor:
+def load_image(path: Path, in_shape: tuple[int, int, int], framing: Framing | None = None) -> torch.Tensor:
     """The image at `path` as (C, H, W) uint8 for a model taking `in_shape` = (C, H, W); see `decode_image`."""
     path = Path(path)
     try:
@@ -46,16 +47,22 @@ def load_image(path: Path, in_shape: tuple[int, int, int]) -> torch.Tensor:
         raise CnnlabError(f"image {path} does not exist") from None
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {exc}", NOT_AN_IMAGE) from None
-    return decode_image(data, in_shape, name=str(path))
+    return decode_image(data, in_shape, name=str(path), framing=framing)
 
 
 def decode_image(
-    data: bytes, in_shape: tuple[int, int, int], name: str = "upload", max_pixels: int = MAX_PIXELS
+    data: bytes,
+    in_shape: tuple[int, int, int],
+    name: str = "upload",
+    max_pixels: int = MAX_PIXELS,
+    framing: Framing | None = None,
 ) -> torch.Tensor:
     """The encoded image `data` as (C, H, W) uint8 for a model taking `in_shape` = (C, H, W).
 
-    C is 1 (converted to grey) or 3 (converted to RGB); the image is resized to
-    H x W with bilinear filtering, as the dataset readers do. `name` says which
+    C is 1 (converted to grey) or 3 (converted to RGB). A grey image is framed as
+    the training images were when the model records a `framing`
+    (cnnlab/data/preprocess.py: polarity, crop, size, centre); otherwise it is
+    resized to H x W with bilinear filtering, as the dataset readers do. `name` says which
     image in error messages. Raises ImageError before decoding when the header
     claims more than `max_pixels` pixels, and when `data` is not a readable image.
     """
@@ -68,13 +75,18 @@ def decode_image(
                 size = f"{image.width}x{image.height}"
                 message = f"{name} is {size} pixels, over the {max_pixels:,} pixel limit: shrink it first"
                 raise ImageError(message, TOO_MANY_PIXELS)
-            converted = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            pixels = np.asarray(converted, dtype=np.uint8)
+            converted = image.convert("L" if channels == 1 else "RGB")
+            if channels == 1 and framing is not None:
+                pixels = frame(converted, framing, (height, width))
+            else:
+                pixels = np.asarray(converted.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+    except Image.DecompressionBombError:  # Pillow's own limit, checked while opening: past twice its MAX_IMAGE_PIXELS
+        raise ImageError(f"{name} claims more than {max_pixels:,} pixels: shrink it first", TOO_MANY_PIXELS) from None
     except UnidentifiedImageError:  # Pillow's message names the BytesIO object, which says nothing to a user
         message = f"cannot read image {name}: not a PNG, JPEG, BMP, WebP, GIF, TIFF or PPM image"
         raise ImageError(message, NOT_AN_IMAGE) from None
     # Pillow reports corrupt data through all of these, depending on the format and where the damage is.
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"cannot read image {name}: {exc}", NOT_AN_IMAGE) from None
     tensor = torch.from_numpy(pixels.copy())
     return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()

@@ -3,9 +3,10 @@
 Each format holds the weights of the run's best checkpoint (the moving average
 with --ema), for inputs (N, C, H, W) float32 normalized as in training, with a
 free batch size; the output is (N, K) logits. What a server needs besides the
-weights (class names, input shape, normalization, test accuracy, cnnlab's
-version) travels with each file: in the ONNX file's metadata, and in a
-`model.json` beside the others. ONNX is checked when it is written:
+weights (class names, input shape, normalization, the framing of the training
+images, the out-of-distribution threshold (cnnlab/tools/calibrate.py), test
+accuracy, cnnlab's version) travels with each file: in the ONNX file's
+metadata, and in a `model.json` beside the others. ONNX is checked when it is written:
 onnx.checker, then ONNX Runtime against the PyTorch model on up to 1,000 test
 images (largest logit difference, top-1 agreement), stored in
 `model.onnx.check.json`. A model card (MODEL_CARD.md) says what the model is.
@@ -30,8 +31,10 @@ from torch import nn
 import cnnlab
 from cnnlab.atomicfile import atomic_write_bytes, atomic_write_text
 from cnnlab.data.dataset import Normalization
+from cnnlab.data.preprocess import Framing
 from cnnlab.data.sources import get_source
 from cnnlab.errors import CnnlabError
+from cnnlab.tools.calibrate import OodCheck, calibrate
 from cnnlab.train.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
 
 FORMATS = ("onnx", "pt2", "torchscript", "safetensors")
@@ -42,7 +45,8 @@ MAX_BATCH = 65536  # the batch axis's upper bound in torch.export's shape constr
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a server needs to use exported weights: the model, its classes and its input."""
+    """What a server needs to use exported weights: the model, its classes, its input and how to prepare it,
+    and when to flag an input as unlike the training data (framing and ood: None where not measured)."""
 
     name: str
     in_shape: tuple[int, int, int]  # (C, H, W)
@@ -51,15 +55,20 @@ class ModelInfo:
     dataset: str
     test_accuracy: float | None
     cnnlab_version: str
+    framing: Framing | None = None
+    ood: OodCheck | None = None
 
     @classmethod
     def of(cls, checkpoint: Checkpoint, test_accuracy: float | None) -> ModelInfo:
+        """The checkpoint's description, with the framing and OOD check measured on its own data splits."""
+        calibration = calibrate(checkpoint, checkpoint.build_model())
         return cls(checkpoint.model["name"], checkpoint.in_shape, checkpoint.classes, checkpoint.normalization,
-                   checkpoint.dataset, test_accuracy, cnnlab.__version__)  # fmt: skip
+                   checkpoint.dataset, test_accuracy, cnnlab.__version__, calibration.framing, calibration.ood)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data.update(in_shape=list(self.in_shape), classes=list(self.classes), normalization=self.normalization.to_dict())
+        data.update(in_shape=list(self.in_shape), classes=list(self.classes), normalization=self.normalization.to_dict(),
+                    framing=self.framing and self.framing.to_dict(), ood=self.ood and self.ood.to_dict())  # fmt: skip
         return data
 
     @classmethod
@@ -71,7 +80,9 @@ class ModelInfo:
             return cls(str(data["name"]), in_shape, tuple(str(c) for c in data["classes"]),  # type: ignore[arg-type]
                        Normalization.from_dict(data["normalization"]), str(data["dataset"]),
                        None if data.get("test_accuracy") is None else float(data["test_accuracy"]),
-                       str(data["cnnlab_version"]))  # fmt: skip
+                       str(data["cnnlab_version"]),
+                       None if data.get("framing") is None else Framing.from_dict(data["framing"]),
+                       None if data.get("ood") is None else OodCheck.from_dict(data["ood"]))  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise CnnlabError(f"{origin} does not describe a cnnlab model ({exc}): export it again with `cnnlab export`") from None
 
@@ -224,6 +235,8 @@ def model_card(info: ModelInfo, checkpoint: Checkpoint, summary: dict[str, Any],
         f"- Output: {len(info.classes)} logits, one per class: {', '.join(info.classes)}.",
         f"- Data: `{info.dataset}`; trained {checkpoint.epoch} epochs ({checkpoint.step} steps).",
         f"- Test accuracy: {accuracy}.",
+        f"- Preprocessing of user images: {_framing_line(info.framing)}",
+        f"- Out-of-distribution flag: {_ood_line(info.ood)}",
     ]
     if onnx_check:
         lines.append(f"- ONNX Runtime against PyTorch on {onnx_check['images']} images ({onnx_check['source']}): "
@@ -241,6 +254,25 @@ def model_card(info: ModelInfo, checkpoint: Checkpoint, summary: dict[str, Any],
               "It knows only these classes and images like its training data: anything else still gets one of them.",
               ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _framing_line(framing: Framing | None) -> str:
+    if framing is None:
+        return "resized to the input size (the training images have no uniform background, or were not found)."
+    return (
+        f"as the training images: {framing.background} background (inverted when the image's border says "
+        f"otherwise), cropped to the content, its longer side scaled to {100 * framing.fill:.0f}% of the image, "
+        f"centred by its {'centre of mass' if framing.centre == 'mass' else 'bounding box'}."
+    )
+
+
+def _ood_line(ood: OodCheck | None) -> str:
+    if ood is None:
+        return "none (no validation split was found to calibrate it on)."
+    return (
+        f"an input whose top class probability is under {ood.threshold:.4f} is flagged; "
+        f"{100 * ood.flag_rate:.1f}% of the {ood.images} validation images were."
+    )
 
 
 def _floats(values: Sequence[float]) -> str:

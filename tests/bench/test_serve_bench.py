@@ -65,7 +65,7 @@ def test_a_terminated_bench_stops_both_servers(trained_run, tmp_path):
     bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in bench.stdout:
-            if line.startswith("both servers ready"):
+            if line.startswith("servers ready"):
                 break
         servers = children(bench.pid)
         assert len(servers) >= 2 and all(alive(pid) for pid in servers)

@@ -67,3 +67,14 @@ def test_decode_errors_say_which_image_and_why(tmp_path):
         with pytest.raises(ImageError, match="cannot read image upload") as broken:
             decode_image(data, (1, 28, 28))
         assert broken.value.reason == NOT_AN_IMAGE and isinstance(broken.value, CnnlabError)
+
+
+def test_a_header_past_pillows_own_bomb_limit_is_too_many_pixels_not_unreadable():
+    width = height = 20_000  # 400 megapixels: Pillow refuses it while opening, before cnnlab's check
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    ihdr = struct.pack(">I", 13) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    png = b"\x89PNG\r\n\x1a\n" + ihdr + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    assert width * height > 2 * Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageError) as refused:
+        decode_image(png, (1, 28, 28))
+    assert refused.value.reason == TOO_MANY_PIXELS and "pixels" in str(refused.value)

@@ -41,6 +41,8 @@ def test_every_format_is_written_with_its_checksum_and_a_model_card(exported):
         assert len(manifest["files"][f.format]["sha256"]) == 64
     card = (exported.out / "MODEL_CARD.md").read_text()
     assert card.startswith("# lenet5 on digits") and "| class | precision |" in card and "Test accuracy: " in card
+    assert manifest["framing"]["background"] == "dark" and manifest["ood"]["score"] == "max_softmax"
+    assert "cropped to the content" in card and "validation images were" in card
 
 
 def test_onnx_runs_alone_with_its_metadata_and_matches_pytorch_at_any_batch(exported, reference):
@@ -51,6 +53,8 @@ def test_onnx_runs_alone_with_its_metadata_and_matches_pytorch_at_any_batch(expo
     info = ModelInfo.from_dict(json.loads({p.key: p.value for p in proto.metadata_props}["cnnlab"]), "model.onnx")
     assert info.classes == checkpoint.classes and info.in_shape == (1, 28, 28)
     assert info.normalization == checkpoint.normalization
+    assert info.framing is not None and info.framing.background == "dark" and info.ood.images > 0
+    assert info == ModelInfo.of(checkpoint, info.test_accuracy)  # what predict and serve measure from the run
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     for n in (1, 7, 50):  # the batch axis is free
         got = session.run(["logits"], {"images": x[:n].numpy()})[0]

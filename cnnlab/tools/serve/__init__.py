@@ -6,8 +6,9 @@ The data flows through one module per step:
   model.onnx, as ONNX Runtime (the default) or PyTorch's fast forward: x (N, C, H, W)
   float32 normalized -> (N, K) logits, with the ModelInfo it was trained with.
 - `app.py` is the FastAPI application (`create_app(backend, settings)`): it reads
-  each request body with a byte limit, decodes images with `cnnlab.data.images`
-  (the code path `cnnlab predict` uses), and answers with the top classes.
+  each request body with a byte limit, decodes and frames images with
+  `cnnlab.data.images` (the code path `cnnlab predict` uses), and answers with the
+  top classes and the model's out-of-distribution flag.
 - `batcher.py` gathers concurrent requests into one batch (a short window, a
   maximum size) and runs it in one worker thread, off the event loop, so that
   /healthz answers while the model works and a full queue answers 503 at once.

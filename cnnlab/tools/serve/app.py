@@ -7,7 +7,10 @@ GET  /metrics       Prometheus text format (metrics.py);  GET /docs  OpenAPI;  G
 
 A request body is counted while it is read, whatever its Content-Length says,
 and images are decoded by `cnnlab.data.images.decode_image`, the code path of
-`cnnlab predict`, which checks the pixel count in the header before decoding.
+`cnnlab predict`, which checks the pixel count in the header before decoding and
+frames each image as the training images were (cnnlab/data/preprocess.py). Each
+prediction carries `out_of_distribution`, the model's calibrated flag for inputs
+unlike its training data (cnnlab/tools/calibrate.py; null without one).
 Every refusal is JSON {"error": "...", "reason": "..."} and is counted by reason.
 """
 
@@ -95,7 +98,8 @@ class Service:
         """On the batcher's thread: images (N, C, H, W) uint8 -> (N, K) float32 probabilities."""
         x = self.info.normalization.apply(images)  # (N, C, H, W) float32, as in training
         probabilities = self.backend.logits(x).softmax(dim=1)
-        self.metrics.batch(x, probabilities.argmax(dim=1))
+        flags = None if self.info.ood is None else self.info.ood.flags(probabilities)  # (N,) bool
+        self.metrics.batch(x, probabilities.argmax(dim=1), flags)
         return probabilities
 
     async def warm_up(self) -> None:
@@ -113,7 +117,7 @@ class Service:
             probabilities = await self.batcher.submit(images)  # (n, K)
         except Overloaded as exc:
             raise Rejected(OVERLOADED, f"the server is overloaded: {exc}") from None
-        return top_predictions(probabilities, self.info.classes, top_k)
+        return top_predictions(probabilities, self.info.classes, top_k, self.info.ood)
 
     def describe(self) -> dict[str, Any]:
         return {**self.info.to_dict(), "backend": self.backend.kind, "sha256": self.backend.sha256,
@@ -145,7 +149,7 @@ class Service:
     def _decode(self, blobs: list[bytes]) -> torch.Tensor:
         try:
             names = ["upload"] if len(blobs) == 1 else [f"upload {i + 1}" for i in range(len(blobs))]
-            return torch.stack([decode_image(blob, self.info.in_shape, name, self.settings.max_pixels)
+            return torch.stack([decode_image(blob, self.info.in_shape, name, self.settings.max_pixels, self.info.framing)
                                 for blob, name in zip(blobs, names)])  # fmt: skip
         except ImageError as exc:
             raise Rejected(exc.reason, str(exc)) from None

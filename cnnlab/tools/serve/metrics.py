@@ -6,6 +6,8 @@ whether the inputs still look like the training data: the mean and standard
 deviation of the normalized input pixels (about 0 and 1 on images like those the
 model was trained on; a shift means other lighting, inverted colours, another
 kind of image) and the share of each class among the recent top-1 predictions.
+A third counts the inputs the model's out-of-distribution check flags
+(cnnlab/tools/calibrate.py), with their moving share.
 Both are moving averages over about the last DRIFT_WINDOW images, exact
 averages until that many have been seen.
 """
@@ -42,6 +44,9 @@ class Metrics:
                                "training-like images)", registry=r)  # fmt: skip
         self.class_share = Gauge("cnnlab_class_share", "Moving share of each class among top-1 predictions",
                                  ["class"], registry=r)  # fmt: skip
+        self.ood = Counter("cnnlab_out_of_distribution", "Inputs flagged as unlike the training data", registry=r)
+        self.ood_share = Gauge("cnnlab_out_of_distribution_share", "Moving share of inputs flagged as unlike the "
+                               "training data (about the calibrated flag_rate of /v1/model on training-like images)", registry=r)  # fmt: skip
         self.classes = list(classes)
         for name in self.classes:  # every class shows from the start, at 0
             self.predictions.labels(name)
@@ -51,13 +56,15 @@ class Metrics:
         self._mean = 0.0
         self._square = 0.0  # moving mean of x**2
         self._share = torch.zeros(len(self.classes), dtype=torch.float64)
+        self._flagged = 0.0  # moving share of flagged inputs
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
-    def batch(self, x: torch.Tensor, top1: torch.Tensor) -> None:
-        """One model call: x (N, C, H, W) float32 normalized, top1 (N,) int64 class indices."""
+    def batch(self, x: torch.Tensor, top1: torch.Tensor, flags: torch.Tensor | None) -> None:
+        """One model call: x (N, C, H, W) float32 normalized, top1 (N,) int64 class indices, flags (N,) bool
+        out of distribution (None: the model has no check)."""
         n = len(x)
         self.batch_size.observe(n)
         counts = torch.bincount(top1, minlength=len(self.classes)).to(torch.float64)
@@ -70,6 +77,11 @@ class Metrics:
             self._mean += alpha * (x.mean(dtype=torch.float64).item() - self._mean)
             self._square += alpha * (x.square().mean(dtype=torch.float64).item() - self._square)
             self._share += alpha * (counts / n - self._share)
+            if flags is not None:
+                flagged = int(flags.sum())
+                self.ood.inc(flagged)
+                self._flagged += alpha * (flagged / n - self._flagged)
+                self.ood_share.set(self._flagged)
             self.input_mean.set(self._mean)
             self.input_std.set(max(self._square - self._mean**2, 0.0) ** 0.5)
             for name, share in zip(self.classes, self._share.tolist()):

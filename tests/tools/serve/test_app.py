@@ -10,7 +10,9 @@ import zlib
 import pytest
 import torch
 
+from cnnlab.data.sources import load_splits
 from cnnlab.tools.predict import Predictor
+from tests.data.test_preprocess import png, users_picture
 from tests.tools.serve.conftest import FakeBackend, metric, png_bytes, serving, wait_until
 
 BOMB = (  # a PNG header claiming 8000 x 8000 pixels, and no pixel data
@@ -65,6 +67,7 @@ def test_model_health_docs_and_page_routes(torch_backend):
     assert model["name"] == "lenet5" and model["in_shape"] == [1, 28, 28] and len(model["classes"]) == 10
     assert model["backend"] == "torch" and len(model["sha256"]) == 64 and 0 < model["test_accuracy"] <= 1
     assert set(model["normalization"]) == {"mean", "std"}
+    assert model["framing"]["background"] == "dark" and 0 < model["ood"]["threshold"] < 1
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "<h1>lenet5</h1>" in page.text and "http://testserver/v1/predict" in page.text
 
@@ -167,3 +170,36 @@ def test_the_request_log_has_one_line_per_request_and_no_image(tmp_path, torch_b
     assert len(predict[0]["classes"]) == 2 and predict[1]["reason"] == "not_an_image"
     assert all({"time", "route", "status", "latency_ms"} <= r.keys() for r in records)
     assert "junk" not in log.read_text()
+
+
+def test_a_users_picture_is_framed_as_by_cnnlab_predict(trained_run, torch_backend, tmp_path):
+    digits = load_splits("digits", None, 0.1, 0).test.images[:4]
+    pictures = [tmp_path / f"picture{i}.png" for i in range(len(digits))]
+    for path, image in zip(pictures, digits):
+        path.write_bytes(png(users_picture(image)))
+    expected = Predictor.load(trained_run).predict_files(pictures, top_k=3)
+    with serving(torch_backend) as client:
+        response = client.post("/v1/predict?top_k=3", files=multipart(pictures))
+    assert response.json()["predictions"] == [p.to_dict() for p in expected]
+
+
+def test_out_of_distribution_inputs_are_flagged_in_the_answer_and_counted(torch_backend, digit_files):
+    generator = torch.Generator().manual_seed(0)
+    noise = [png_bytes(torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=generator)) for _ in range(16)]
+    with serving(torch_backend) as client:
+        digits = client.post("/v1/predict", files=multipart(digit_files)).json()["predictions"]
+        noisy = client.post("/v1/predict", files=[("file", ("n.png", n, "image/png")) for n in noise]).json()
+        metrics = client.get("/metrics").text
+    flags = [p["out_of_distribution"] for p in digits + noisy["predictions"]]
+    assert all(isinstance(flag, bool) for flag in flags)
+    assert sum(p["out_of_distribution"] for p in noisy["predictions"]) > sum(p["out_of_distribution"] for p in digits)
+    assert metric(metrics, "cnnlab_out_of_distribution_total") == sum(flags)
+    assert metric(metrics, "cnnlab_out_of_distribution_share") == pytest.approx(sum(flags) / len(flags))
+
+
+def test_a_model_without_a_calibrated_check_flags_nothing():
+    with serving(FakeBackend()) as client:
+        answer = client.post("/v1/predict", content=FAKE_PNG, headers={"Content-Type": "image/png"}).json()
+        metrics = client.get("/metrics").text
+    assert answer["predictions"][0]["out_of_distribution"] is None
+    assert metric(metrics, "cnnlab_out_of_distribution_total") == 0

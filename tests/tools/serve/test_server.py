@@ -77,3 +77,26 @@ def test_accepted_connections_send_small_answers_at_once():
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         listener.close()
+
+
+def test_the_objects_of_start_up_are_frozen_before_serving(trained_run):
+    """Full collections would otherwise walk every object of the loaded model and its libraries again
+    and again: pauses of up to a second that every request in flight waits through."""
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, sys\n"
+        "from pathlib import Path\n"
+        "from cnnlab.tools.serve import server\n"
+        "from cnnlab.tools.serve.app import Settings\n"
+        "class Started:\n"
+        "    def run(self, sockets):\n"
+        "        print(gc.get_freeze_count(), len(gc.get_objects()))\n"
+        "server.uvicorn_server = lambda app: Started()\n"
+        "server.serve(Path(sys.argv[1]), 'torch', '127.0.0.1', 0, Settings(), out=sys.stdout)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(trained_run)], capture_output=True, text=True,
+                            timeout=120, check=True)  # fmt: skip
+    frozen, tracked = map(int, result.stdout.splitlines()[-1].split())
+    assert frozen > 50_000 and tracked < frozen / 10
