@@ -30,6 +30,8 @@ from torch import nn
 from cnnlab.atomicfile import atomic_write_bytes
 from cnnlab.errors import CnnlabError
 
+FEATURE_MAP_SIZE = 56  # screen pixels a feature map is drawn at, about: many maps sit side by side
+
 
 @dataclass(frozen=True)
 class Explanation:
@@ -145,9 +147,9 @@ def png_bytes(pixels: np.ndarray, scale: int = 1) -> bytes:
     return buffer.getvalue()
 
 
-def picture_scale(height: int) -> int:
-    """How many screen pixels per image pixel make an H-high image about 112 high (28x28 images: 4)."""
-    return max(1, round(112 / height))
+def picture_scale(height: int, target: int = 112) -> int:
+    """How many screen pixels per image pixel make an H-high image about `target` high (28x28 images: 4)."""
+    return max(1, round(target / height))
 
 
 def write_explanation(explanation: Explanation, image: torch.Tensor, folder: Path) -> list[Path]:
@@ -161,7 +163,7 @@ def write_explanation(explanation: Explanation, image: torch.Tensor, folder: Pat
         "input.png": png_bytes(as_picture(image), scale),
         "saliency.png": png_bytes(heatmap(explanation.saliency), scale),
         "gradcam.png": png_bytes(heatmap(explanation.gradcam, image), scale),
-        **{f"features-{name}.png": png_bytes(tile(maps), picture_scale(maps.shape[1]))
+        **{f"features-{name}.png": png_bytes(tile(maps), picture_scale(maps.shape[1], FEATURE_MAP_SIZE))
            for name, maps in explanation.feature_maps.items()},
     }  # fmt: skip
     for name, data in pictures.items():
