@@ -104,9 +104,9 @@ def _train(args: argparse.Namespace) -> int:
 
 def _write_report(run_dir: Path) -> None:
     """report.html for the finished run. The run is saved already: a failure here is a warning, not its end."""
-    from cnnlab.tools.report import write_report
-
     try:
+        from cnnlab.tools.report import write_report
+
         write_report(run_dir)
     except Exception as exc:  # noqa: BLE001 - whatever went wrong, the run and its results stay
         warnings.warn(f"the run is saved, but its report.html was not written ({exc}); try `cnnlab report {run_dir}`")

@@ -113,7 +113,7 @@ def _view_after(module: nn.Module, view: _View | None, out: torch.Tensor) -> _Vi
         dilation = _pair(getattr(module, "dilation", 1))
         size = tuple(s + d * (k - 1) * j for s, k, d, j in zip(view.size, kernel, dilation, view.jump))
         return _View(size, tuple(j * s for j, s in zip(view.jump, stride)))  # type: ignore[arg-type]
-    return None  # Linear, Flatten, a global pool: every output sees the whole input
+    return None  # Linear, Flatten, a global pool (the registered models' other layers): every output sees it all
 
 
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:

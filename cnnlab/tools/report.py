@@ -1,7 +1,7 @@
 """A run's report: one self-contained HTML page (report.html) of its results and of what its model learned.
 
-`write_report(run_dir)` reads the run directory (config.yaml, metrics, summary.json,
-curves.png, diagnostics.json, the best checkpoint) and the run's test split, and
+`write_report(run_dir)` reads the run directory (config.yaml, summary.json, curves.png,
+diagnostics.json, the best checkpoint) and the run's test split, and
 fills report.html next to this module: config, curves, the per-class table, the
 confusion matrix, the most confident mistakes, the first layer's filters, feature
 maps with saliency and Grad-CAM for a few test images, the gradient-flow chart and
@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from pathlib import Path
 from string import Template
 
@@ -60,7 +61,10 @@ def build_report(run_dir: Path) -> str:
         raise CnnlabError(
             f"{run_dir} has no summary.json: the run was not tested yet; finish it with `cnnlab train --resume {run_dir}`"
         )
-    summary = yaml.safe_load(summary_path.read_text())  # JSON is YAML: one reader for both files
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CnnlabError(f"cannot read {summary_path} ({exc}): test the run again with `cnnlab evaluate`") from None
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
     model = checkpoint.build_model()
     test = _test_split(checkpoint, config)
