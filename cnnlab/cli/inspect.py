@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cnnlab.cli.common import parse_shape, print_json, run_dir_of
 from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from cnnlab.tools.inspect import LayerTable
+    from cnnlab.train.checkpoint import Checkpoint
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -69,7 +76,7 @@ def _inspect(args: argparse.Namespace) -> int:
     return _explain_image(args, checkpoint, model, run_dir_of(path))
 
 
-def _print_table(table, model_name: str, as_json: bool) -> int:
+def _print_table(table: LayerTable, model_name: str, as_json: bool) -> int:
     if as_json:
         print_json({"model": model_name, **table.to_dict()})
     else:
@@ -78,7 +85,7 @@ def _print_table(table, model_name: str, as_json: bool) -> int:
     return 0
 
 
-def _explain_image(args: argparse.Namespace, checkpoint, model, run_dir: Path) -> int:
+def _explain_image(args: argparse.Namespace, checkpoint: Checkpoint, model: nn.Module, run_dir: Path) -> int:
     from cnnlab.data.images import load_image
     from cnnlab.tools.attribution import explain, write_explanation
     from cnnlab.tools.predict import top_predictions

@@ -4,8 +4,8 @@
 diagnostics.json, the best checkpoint) and the run's test split, and
 fills report.html next to this module: config, curves, the per-class table, the
 confusion matrix, the most confident mistakes, the first layer's filters, feature
-maps with saliency and Grad-CAM for a few test images, the gradient-flow chart and
-the layer table. Every image is a PNG embedded as a data: URL and the page has no
+maps with saliency and Grad-CAM for a few test images, the pictures `cnnlab inspect
+RUN --image` left in RUN/inspect/, the gradient-flow chart and the layer table. Every image is a PNG embedded as a data: URL and the page has no
 script, so it opens anywhere, offline, as one file.
 """
 
@@ -84,6 +84,7 @@ def build_report(run_dir: Path) -> str:
         "mistakes": _mistakes(test, probabilities, checkpoint.classes),
         "filters": _filters(model),
         "examples": _examples(model, test, checkpoint),
+        "inspected": _inspected(run_dir / "inspect"),
         "gradient_flow": _gradient_flow(read_diagnostics(run_dir)),
         "layers": _layer_table(model, checkpoint.in_shape),
     }
@@ -208,6 +209,25 @@ def _examples(model: torch.nn.Module, test: ImageDataset, checkpoint: Checkpoint
         )
         title = f"test image #{i}, truly {checkpoint.classes[int(test.labels[i])]}: {ranked}"
         blocks.append(f'<figure class="example"><figcaption>{html.escape(title)}</figcaption>'
+                      f'<div class="maps">{figures}</div></figure>')  # fmt: skip
+    return "".join(blocks)
+
+
+def _inspected(folder: Path) -> str:
+    """The pictures `cnnlab inspect RUN --image FILE` left in RUN/inspect/, one row per image."""
+    images = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not images:
+        return '<p class="note">None yet: <code>cnnlab inspect RUN --image FILE</code> adds its pictures here.</p>'
+    blocks = []
+    for image in images:
+        order = ["input.png", *sorted(p.name for p in image.glob("features-*.png")), "saliency.png", "gradcam.png"]
+        figures = "".join(
+            f"<figure>{_image((image / name).read_bytes(), f'{name} of {image.name}')}"
+            f"<figcaption>{html.escape(name.removesuffix('.png'))}</figcaption></figure>"
+            for name in order
+            if (image / name).is_file()
+        )
+        blocks.append(f'<figure class="example"><figcaption>{html.escape(image.name)}</figcaption>'
                       f'<div class="maps">{figures}</div></figure>')  # fmt: skip
     return "".join(blocks)
 

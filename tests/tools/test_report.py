@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from PIL import Image
 
 from cnnlab.cli import main
 from cnnlab.models import count_parameters, create_model
@@ -81,6 +82,19 @@ def test_report_writes_where_asked(trained_run, tmp_path, capsys):
     assert f"report written to {out}" in capsys.readouterr().out
     page = out.read_text()
     assert page.startswith("<!DOCTYPE html>") and "lenet5 on digits" in page and "$" not in page.replace("$(", "")
+
+
+def test_images_inspected_before_show_in_the_report(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    image = tmp_path / "shoe.png"
+    Image.new("L", (28, 28), color=200).save(image)
+    assert main(["inspect", str(run), "--image", str(image)]) == 0  # into RUN/inspect/shoe/
+    assert main(["report", str(run)]) == 0
+    section = (run / "report.html").read_text().split('id="inspected"')[1].split("<h2")[0]
+    alts = [alt.split('"')[0] for alt in section.split('alt="')[1:]]
+    assert alts == [f"{name} of shoe" for name in
+                    ("input.png", "features-0.png", "features-3.png", "saliency.png", "gradcam.png")]  # fmt: skip
 
 
 def test_a_run_without_a_checkpoint_or_a_test_is_one_line_and_exit_2(trained_run, tmp_path, capsys):
