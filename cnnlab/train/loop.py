@@ -341,8 +341,9 @@ def save_epoch(
     # the model, and the earliest of them tests up to 1% worse.
     # metrics.csv first: a kill after it and before last.pt is undone on resume, which drops rows
     # newer than last.pt; the other order lost the epoch's row for good.
-    run.write_metrics(state.rows)
+    # diagnostics.json before them: it drops the epochs a resume repeats, so it may run ahead too.
     setup.diagnostics.save(run, state.epoch)
+    run.write_metrics(state.rows)
     if not has_val or row["val_accuracy"] >= state.best_accuracy:
         state.best_accuracy = row["val_accuracy"]
         run.save_checkpoint("best", checkpoint)
