@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,7 @@ def _train(args: argparse.Namespace) -> int:
         run = RunDirectory.create(Path(config.runs_dir) / (config.name or _run_name(config)), overwrite=args.overwrite)
         result = fit(config, run, progress)
 
+    _write_report(result.run_dir)
     test = result.test.evaluation
     if args.json:
         print_json({"run_dir": str(result.run_dir), "test_accuracy": test.accuracy, "test_loss": test.loss, "epochs": result.rows})
@@ -108,6 +110,16 @@ def _train(args: argparse.Namespace) -> int:
         print(f"test loss {test.loss:.4f}  test accuracy {100 * test.accuracy:.2f}%")
         print(f"run saved in {result.run_dir}")
     return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    """report.html for the finished run. The run is saved already: a failure here is a warning, not its end."""
+    try:
+        from cnnlab.tools.report import write_report
+
+        write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, the run and its results stay
+        warnings.warn(f"the run is saved, but its report.html was not written ({exc}); try `cnnlab report {run_dir}`")
 
 
 def _resolve_new_run(args: argparse.Namespace) -> Resolution:

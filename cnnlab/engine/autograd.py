@@ -23,7 +23,8 @@ class AutogradEngine:
         self.model = model
         device = next(model.parameters()).device
         self.forward = fast_forward(model, device) if fast else model
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names, self.params = [name for name, _ in trained], [p for _, p in trained]
         self.sizes = [p.numel() for p in self.params]
         self.label_smoothing = config.label_smoothing
         self.optimizer = build_torch_optimizer(model, config)

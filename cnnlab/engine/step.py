@@ -31,6 +31,9 @@ Update = Callable[[torch.Tensor, float], None]  # (gradient (P,), learning rate)
 
 class Engine(Protocol):
     model: nn.Module
+    names: list[str]  # the parameters' state_dict names, in the order of the step's flat gradient
+    sizes: list[int]  # and their sizes: gradient.split(sizes) gives each parameter's
+    step: SlicedStep
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on a batch at learning rate `lr`.
@@ -61,6 +64,9 @@ class SlicedStep:
     def __init__(self, loss_and_gradient: LossAndGradient, update: Update, slices: int, grad_clip: float) -> None:
         self.loss_and_gradient, self.update = loss_and_gradient, update
         self.slices, self.grad_clip = slices, grad_clip
+        # Called with each step's gradient (P,) before clipping, while set: training diagnostics
+        # (cnnlab.train.diagnostics) read the engine's own gradients through it.
+        self.observe: Callable[[torch.Tensor], None] | None = None
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, C, H, W) float32, normalized; y: (N,) int64 -> (mean loss (), logits (N, K))."""
@@ -71,6 +77,8 @@ class SlicedStep:
             # One flat vector: summing the slices', the norm and the clipping are one operation
             # each instead of one per parameter tensor.
             gradient = sum_in_order(gradients)  # (P,)
+            if self.observe is not None:
+                self.observe(gradient)
             if self.grad_clip > 0:
                 clip_grad_norm([gradient], self.grad_clip)  # torch's formula
             self.update(gradient, lr)

@@ -34,6 +34,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
 from cnnlab.train.averaging import WeightAverage
 from cnnlab.train.checkpoint import Checkpoint
+from cnnlab.train.diagnostics import Diagnostics
 from cnnlab.engine import make_engine
 from cnnlab.engine.step import Engine
 from cnnlab.train.evaluate import Report, evaluate, report
@@ -66,6 +67,7 @@ class TrainSetup:
     augmenter: BatchAugmenter | None  # None without augmentation
     average: WeightAverage | None  # with --ema: the weights validated, saved and tested
     progress: Progress
+    diagnostics: Diagnostics  # measures each epoch's first step
 
     @property
     def evaluated(self) -> nn.Module:
@@ -276,6 +278,7 @@ def prepare(
         augmenter=augmenter,
         average=_weight_average(model, config, resume),
         progress=progress,
+        diagnostics=Diagnostics(engine, config.engine),
     )
 
 
@@ -342,6 +345,8 @@ def save_epoch(
     # the model, and the earliest of them tests up to 1% worse.
     # metrics.csv first: a kill after it and before last.pt is undone on resume, which drops rows
     # newer than last.pt; the other order lost the epoch's row for good.
+    # diagnostics.json before them: it drops the epochs a resume repeats, so it may run ahead too.
+    setup.diagnostics.save(run, state.epoch)
     run.write_metrics(state.rows)
     if not has_val or row["val_accuracy"] >= state.best_accuracy:
         state.best_accuracy = row["val_accuracy"]
@@ -392,7 +397,9 @@ def train_one_epoch(setup: TrainSetup, order: torch.Tensor, *, step: int) -> tup
         if augmenter is not None:
             x = augmenter(x)
         lr = learning_rate(config.optim, step, setup.steps_per_epoch, setup.total_steps)
-        loss, logits = setup.engine.train_step(x, labels, lr)
+        # The epoch's first step is measured too (gradients, update sizes, activations): diagnostics.py.
+        train_step = setup.diagnostics.measured_step if start == 0 else setup.engine.train_step
+        loss, logits = train_step(x, labels, lr)
         if not torch.isfinite(loss):
             raise CnnlabError(
                 f"the loss became {loss.item()} at step {step}: training diverged; lower --lr or set --grad-clip"
