@@ -51,11 +51,12 @@ class ModelInfo:
     dataset: str
     test_accuracy: float | None
     cnnlab_version: str
+    dropout: float = 0.0  # the model's Dropout layers shift its state_dict keys: create_model needs it
 
     @classmethod
     def of(cls, checkpoint: Checkpoint, test_accuracy: float | None) -> ModelInfo:
         return cls(checkpoint.model["name"], checkpoint.in_shape, checkpoint.classes, checkpoint.normalization,
-                   checkpoint.dataset, test_accuracy, cnnlab.__version__)  # fmt: skip
+                   checkpoint.dataset, test_accuracy, cnnlab.__version__, checkpoint.model.get("dropout", 0.0))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -71,7 +72,7 @@ class ModelInfo:
             return cls(str(data["name"]), in_shape, tuple(str(c) for c in data["classes"]),  # type: ignore[arg-type]
                        Normalization.from_dict(data["normalization"]), str(data["dataset"]),
                        None if data.get("test_accuracy") is None else float(data["test_accuracy"]),
-                       str(data["cnnlab_version"]))  # fmt: skip
+                       str(data["cnnlab_version"]), float(data.get("dropout", 0.0)))  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise CnnlabError(f"{origin} does not describe a cnnlab model ({exc}): export it again with `cnnlab export`") from None
 
@@ -171,7 +172,7 @@ def _torchscript_bytes(model: nn.Module, example: torch.Tensor, info: ModelInfo)
 
 
 def _safetensors_bytes(model: nn.Module, example: torch.Tensor, info: ModelInfo) -> bytes:
-    """The state_dict as safetensors; with model.json, `create_model(name, in_shape, len(classes))` rebuilds it."""
+    """The state_dict as safetensors; with model.json, `create_model(name, in_shape, len(classes), dropout=dropout)` rebuilds it."""
     from safetensors.torch import save
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
