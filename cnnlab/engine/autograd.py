@@ -59,9 +59,10 @@ class AutogradEngine:
         """
         with torch.autocast(self.device_type, dtype=self.autocast, enabled=self.autocast is not None):
             logits = self.forward(x)  # (n, K), in the autocast type
-        logits = logits.float()
+        if self.autocast is not None:
+            logits = logits.float()  # the loss in fp32
         if self.loss == "mse":  # the mean over the batch's N K elements, as nn.MSELoss on one-hot targets
-            targets = one_hot_targets(y, logits.shape[1], self.label_smoothing)  # (n, K)
+            targets = one_hot_targets(y, logits.shape[1], self.label_smoothing, logits.dtype)  # (n, K)
             loss = F.mse_loss(logits, targets, reduction="sum") / (batch * logits.shape[1])
         else:
             loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=self.label_smoothing) / batch

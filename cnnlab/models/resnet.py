@@ -46,7 +46,7 @@ def basic_block(in_channels: int, out_channels: int, stride: int) -> Residual:
     return Residual(body, shortcut)
 
 
-def resnet(in_shape: tuple[int, int, int], num_classes: int, dropout: float, blocks_per_stage: int) -> nn.Sequential:
+def resnet(in_shape: tuple[int, int, int], num_classes: int, blocks_per_stage: int, dropout: float = 0.0) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_shape[0], 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
     channels = 16
     for stage, width in enumerate((16, 32, 64)):
@@ -61,9 +61,9 @@ def resnet(in_shape: tuple[int, int, int], num_classes: int, dropout: float, blo
 
 @register_model("resnet8", "ResNet-8: 3 stages of 1 residual block (16-32-64 channels), batch norm")
 def resnet8(in_shape: tuple[int, int, int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
-    return resnet(in_shape, num_classes, dropout, blocks_per_stage=1)
+    return resnet(in_shape, num_classes, blocks_per_stage=1, dropout=dropout)
 
 
 @register_model("resnet20", "ResNet-20: 3 stages of 3 residual blocks (16-32-64 channels), batch norm")
 def resnet20(in_shape: tuple[int, int, int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
-    return resnet(in_shape, num_classes, dropout, blocks_per_stage=3)
+    return resnet(in_shape, num_classes, blocks_per_stage=3, dropout=dropout)
