@@ -1,4 +1,4 @@
-"""The training toolbox options end to end: early stopping, L1, dropout, MSE, precision; each exact under --resume."""
+"""The loop's options end to end: early stopping, L1, dropout, MSE, precision; each exact under --resume."""
 
 import csv
 import json
