@@ -16,14 +16,14 @@ import statistics
 import time
 
 import torch
+from harness import bench_parser, bench_splits, default_dataset, results_path, train_batches, write_results
 
 from cnnlab.config import OptimConfig, TrainConfig
+from cnnlab.data.sources import normalization_for
 from cnnlab.engine import make_engine
 from cnnlab.models import create_model
 from cnnlab.train.evaluate import evaluate
 from cnnlab.train.loop import resolve_device
-from cnnlab.data.sources import normalization_for
-from harness import bench_parser, bench_splits, default_dataset, results_path, train_batches, write_results
 
 BATCH_SIZE = 128
 LR = 0.05  # SGD with Nesterov momentum at a constant rate: a fair short run for both models

@@ -9,7 +9,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnlab.cli.common import print_json
-from cnnlab.config import ENGINES, LOSSES, OPTIMIZERS, PRECISIONS, SCHEDULES, Resolution, TrainConfig, load_yaml_config, resolve
+from cnnlab.config import (
+    ENGINES,
+    LOSSES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    Resolution,
+    TrainConfig,
+    load_yaml_config,
+    resolve,
+)
 from cnnlab.errors import CnnlabError
 
 if TYPE_CHECKING:

@@ -394,9 +394,11 @@ def make_checkpoint(setup: TrainSetup, *, splits: DatasetSplits, state: RunState
     config = setup.config
     return Checkpoint(
         model={
-            "name": config.model, "in_shape": list(splits.image_shape), "num_classes": len(splits.classes),
+            "name": config.model,
+            "in_shape": list(splits.image_shape),
+            "num_classes": len(splits.classes),
             "dropout": config.dropout,
-        },  # fmt: skip
+        },
         model_state=setup.evaluated.state_dict(),
         training_state=setup.engine.model.state_dict() if setup.average is not None else None,
         normalization=setup.normalization,
@@ -412,9 +414,10 @@ def make_checkpoint(setup: TrainSetup, *, splits: DatasetSplits, state: RunState
         },
         config=config.to_dict(),
         metrics={
-            **row, "early_stopping_target": state.target_accuracy,
+            **row,
+            "early_stopping_target": state.target_accuracy,
             "epochs_without_improvement": state.epochs_without_improvement,
-        },  # fmt: skip
+        },
     )
 
 
