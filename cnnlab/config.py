@@ -22,6 +22,8 @@ from cnnlab.errors import CnnlabError
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine", "onecycle")
 ENGINES = ("autograd", "manual")
+LOSSES = ("cross-entropy", "mse")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -34,6 +36,10 @@ class OptimConfig:
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
+    # Coupled L2 for SGD and Adam (weight_decay * w is added to the gradient, as if
+    # weight_decay / 2 * ||w||^2 were added to the loss; Adam then rescales it with the rest),
+    # decoupled for AdamW (w shrinks by lr * weight_decay * w beside the Adam step; Loshchilov
+    # and Hutter, 2019). Every parameter decays, biases and batch-norm weights too.
     weight_decay: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "onecycle"
@@ -111,6 +117,14 @@ class TrainConfig:
     batch_size: int = 128
     val_fraction: float = 0.1
     label_smoothing: float = 0.0
+    loss: str = "cross-entropy"  # or "mse": mean squared error between the logits and the one-hot targets
+    dropout: float = 0.0  # probability of the Dropout layers before the classifier's fc layers; 0 = none
+    l1: float = 0.0  # lambda of the L1 penalty lambda * sum |w| over conv and fc weights, added to the loss
+    # Early stopping: stop after this many epochs without the validation accuracy beating its
+    # best by more than min_delta; 0 = off.
+    patience: int = 0
+    min_delta: float = 0.0
+    precision: str = "fp32"  # bf16 / fp16: the forward pass under autocast (autograd engine)
     ema: float = 0.0  # decay of the weights' moving average that is validated, saved and tested; 0 = off
     seed: int = 0
     device: str = "auto"
@@ -133,6 +147,28 @@ class TrainConfig:
             raise CnnlabError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0 <= self.label_smoothing < 1:
             raise CnnlabError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.loss not in LOSSES:
+            raise CnnlabError(f"unknown loss '{self.loss}': choose one of {', '.join(LOSSES)}")
+        if not 0 <= self.dropout < 1:
+            raise CnnlabError(f"--dropout must be in [0, 1) (0 turns it off; 0.5 is typical), got {self.dropout}")
+        if self.l1 < 0:
+            raise CnnlabError(f"--l1 must be >= 0 (0 turns it off; 1e-5 is typical), got {self.l1}")
+        if self.patience < 0:
+            raise CnnlabError(f"--patience must be >= 0 epochs (0 turns early stopping off), got {self.patience}")
+        if not 0 <= self.min_delta < 1:
+            raise CnnlabError(f"--min-delta must be in [0, 1) (a validation accuracy gain, e.g. 0.001), got {self.min_delta}")
+        if self.patience and self.val_fraction == 0:
+            raise CnnlabError("--patience watches the validation accuracy: it needs --val-fraction above 0")
+        if self.min_delta and not self.patience:
+            raise CnnlabError("--min-delta needs --patience N: it says what counts as an improvement for early stopping")
+        if self.precision not in PRECISIONS:
+            raise CnnlabError(f"unknown precision '{self.precision}': choose one of {', '.join(PRECISIONS)}")
+        if self.precision != "fp32" and self.engine == "manual":
+            raise CnnlabError(
+                f"--precision {self.precision} needs --engine autograd: the manual engine's hand-written layers compute in fp32"
+            )
+        if self.device in ("cpu", "mps") or self.device.startswith("cuda"):
+            check_precision(self.precision, self.device.partition(":")[0])
         if not 0 <= self.ema < 1:
             raise CnnlabError(f"--ema must be in [0, 1) (0 turns it off; 0.99 is typical), got {self.ema}")
         if self.engine not in ENGINES:
@@ -169,6 +205,15 @@ class TrainConfig:
         config = _dataclass_from(cls, data, origin)
         config.optim, config.augment = optim, augment
         return config
+
+
+def check_precision(precision: str, device_type: str) -> None:
+    """Refuse a precision `device_type` ("cpu", "cuda", "mps") cannot train in: fp16 needs CUDA,
+    and MPS trains in fp32 only here."""
+    if precision == "fp16" and device_type != "cuda":
+        raise CnnlabError(f"--precision fp16 needs a CUDA GPU, and this run trains on {device_type}: use bf16 or fp32")
+    if precision != "fp32" and device_type == "mps":
+        raise CnnlabError(f"--precision {precision} is not supported on mps: use fp32")
 
 
 # The flags whose name is not the field's with dashes; betas has no flag, only its YAML name.

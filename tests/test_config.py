@@ -109,3 +109,25 @@ def test_train_with_a_non_finite_lr_exits_2_before_making_a_run_folder(tmp_path,
     assert main(["train", f"--lr={value}", "--epochs", "1", "--runs-dir", str(tmp_path / "runs")]) == 2
     assert f"--lr must be a finite number, got {value}" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_train_option_has_a_flag_shown_in_help_and_in_the_readme_table(capsys):
+    """A TrainConfig field without its flag, --help line or README row is an option users cannot find."""
+    import dataclasses
+    from pathlib import Path
+
+    from cnnlab.cli import main
+    from cnnlab.cli.train import TRAIN_FLAGS
+    from cnnlab.config import AugmentConfig, OptimConfig, TrainConfig
+
+    sections = {"": TrainConfig, "optim.": OptimConfig, "augment.": AugmentConfig}
+    fields = {
+        prefix + f.name for prefix, cls in sections.items() for f in dataclasses.fields(cls) if f.name not in ("optim", "augment")
+    }
+    flags = {dest: flag for flag, dest, _ in TRAIN_FLAGS}
+    assert fields - set(flags) == {"optim.betas"}  # Adam's betas: a YAML option only
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text, readme = capsys.readouterr().out, (Path(__file__).parent.parent / "README.md").read_text()
+    for flag in flags.values():
+        assert flag in help_text and f"`{flag}`" in readme, flag

@@ -1,7 +1,8 @@
-"""Losses: softmax cross-entropy with label smoothing, and mean squared error.
+"""Losses: softmax cross-entropy with label smoothing, and mean squared error (on one-hot targets).
 
 A loss ends the chain: forward gives the scalar L, backward gives dL/d(prediction),
-the `dout` that the network's backward pass starts from.
+the `dout` that the network's backward pass starts from. `make_loss` builds the one
+`cnnlab train --loss` names.
 """
 
 from __future__ import annotations
@@ -83,3 +84,41 @@ class MSELoss:
             raise CnnlabError(f"{self}: backward() needs a forward() first (each forward allows one backward)")
         diff, self._cache = self._cache, None
         return diff * (2 * dloss / diff.numel())
+
+
+def one_hot_targets(y: torch.Tensor, k: int, label_smoothing: float = 0.0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """y: (N,) int64 class indices -> (N, K) targets: 1 - eps + eps/K on the class, eps/K elsewhere."""
+    eps = label_smoothing
+    return torch.nn.functional.one_hot(y, k).to(dtype).mul_(1 - eps).add_(eps / k)
+
+
+class OneHotMSE:
+    """L = mean over (N, K) of (z - t)^2, t the one-hot targets of y (smoothed with eps), as
+    `nn.MSELoss()(model(x), one_hot(y))` trains a classifier; the logits z themselves are
+    regressed onto 0 and 1, no softmax.
+
+    z: (N, K) logits; y: (N,) int64. backward: dL/dz = 2 (z - t) / (N K), MSELoss's.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        self.label_smoothing = label_smoothing
+        self.mse = MSELoss()
+
+    def __repr__(self) -> str:
+        return "OneHotMSE"
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """z: (N, K), y: (N,) -> L: () the mean over all N K elements."""
+        if z.dim() != 2 or y.shape != (z.shape[0],):
+            shapes = f"{tuple(z.shape)} and {tuple(y.shape)}"
+            raise CnnlabError(f"{self} expects logits (N, K) and labels (N,), got {shapes}")
+        return self.mse.forward(z, one_hot_targets(y, z.shape[1], self.label_smoothing, z.dtype))
+
+    def backward(self, dloss: float = 1.0) -> torch.Tensor:
+        """-> dL/dz: (N, K), times `dloss`."""
+        return self.mse.backward(dloss)
+
+
+def make_loss(name: str, label_smoothing: float = 0.0) -> SoftmaxCrossEntropy | OneHotMSE:
+    """The loss layer `cnnlab train --loss` names: "cross-entropy" or "mse"."""
+    return OneHotMSE(label_smoothing) if name == "mse" else SoftmaxCrossEntropy(label_smoothing)

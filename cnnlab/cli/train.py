@@ -10,7 +10,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cnnlab.cli.common import print_json
-from cnnlab.config import ENGINES, OPTIMIZERS, SCHEDULES, Resolution, TrainConfig, load_yaml_config, resolve
+from cnnlab.config import (
+    ENGINES,
+    LOSSES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    Resolution,
+    TrainConfig,
+    load_yaml_config,
+    resolve,
+)
 from cnnlab.errors import CnnlabError
 
 if TYPE_CHECKING:
@@ -27,7 +37,9 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--optimizer", "optim.name", {"choices": OPTIMIZERS}),
     ("--momentum", "optim.momentum", {"type": float}),
     ("--nesterov", "optim.nesterov", {"action": argparse.BooleanOptionalAction}),
-    ("--weight-decay", "optim.weight_decay", {"type": float}),
+    ("--weight-decay", "optim.weight_decay", {"type": float, "help": "L2 on every parameter: coupled for sgd and "
+                                               "adam (added to the gradient), decoupled for adamw (the weights shrink "
+                                               "by lr * decay beside the step); default 5e-4"}),
     ("--schedule", "optim.schedule", {"choices": SCHEDULES}),
     ("--step-size", "optim.step_size", {"type": int, "help": "epochs between decays (step schedule)"}),
     ("--gamma", "optim.gamma", {"type": float, "help": "decay factor (step schedule)"}),
@@ -35,6 +47,18 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                             "warming up to the peak rate; default 0.25"}),
     ("--grad-clip", "optim.grad_clip", {"type": float, "help": "max gradient norm; 0 = off"}),
     ("--label-smoothing", "label_smoothing", {"type": float}),
+    ("--loss", "loss", {"choices": LOSSES, "help": "cross-entropy, or mse: mean squared error between the logits "
+                        "and one-hot targets; default cross-entropy"}),
+    ("--dropout", "dropout", {"type": float, "help": "dropout probability before the classifier's fc layers, "
+                              "in [0, 1); default 0 (none)"}),
+    ("--l1", "l1", {"type": float, "metavar": "LAMBDA", "help": "add LAMBDA * sum|w| over conv and fc weights to "
+                    "the loss; metrics.csv reports it per epoch; default 0 (off)"}),
+    ("--patience", "patience", {"type": int, "metavar": "N", "help": "stop after N epochs without a better "
+                                "validation accuracy (and test the best epoch); default 0 (off)"}),
+    ("--min-delta", "min_delta", {"type": float, "metavar": "D", "help": "early stopping: a validation accuracy "
+                                  "gain of more than D counts as better; default 0"}),
+    ("--precision", "precision", {"choices": PRECISIONS, "help": "fp32; bf16 (CPU or CUDA) or fp16 (CUDA) autocast, "
+                                  "autograd engine only; default fp32"}),
     ("--ema", "ema", {"type": float, "help": "validate, save and test a moving average of the weights, "
                       "with this decay per step (e.g. 0.99); 0 = off"}),
     ("--val-fraction", "val_fraction", {"type": float}),

@@ -1,4 +1,11 @@
-"""The autograd engine: PyTorch's torch.autograd for the gradients and torch.optim for the update."""
+"""The autograd engine: PyTorch's torch.autograd for the gradients and torch.optim for the update.
+
+With --precision bf16 or fp16 the forward pass runs under torch.autocast: convolutions and
+matrix products in the half type, the loss and the gradient sum in fp32, the weights and the
+optimizer in fp32. cnnlab's compiled kernels (cnnlab.fast) compute in fp32 only, so a half
+precision run goes through the model's own torch layers. fp16 (CUDA only) also scales the loss
+(`LossScale`): its gradients would otherwise underflow; bf16 has fp32's range and needs none.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.backprop.losses import one_hot_targets
 from cnnlab.backprop.optim import param_groups
-from cnnlab.config import TrainConfig
+from cnnlab.backprop.penalty import L1Penalty
+from cnnlab.config import TrainConfig, check_precision
 from cnnlab.engine.step import SlicedStep, slices_for
 from cnnlab.fast.forward import fast_forward
 
@@ -16,19 +25,26 @@ class AutogradEngine:
     """Trains `model` (already on its device) with torch.autograd and torch.optim.
 
     fast: model(x) through `cnnlab.fast.forward` (same values and gradients up to rounding,
-    less time on a CPU); slices: see `cnnlab.engine.make_engine`.
+    less time on a CPU; fp32 only); slices: see `cnnlab.engine.make_engine`.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, *, fast: bool = True, slices: int | None = None) -> None:
         self.model = model
         device = next(model.parameters()).device
-        self.forward = fast_forward(model, device) if fast else model
-        trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.names, self.params = [name for name, _ in trained], [p for _, p in trained]
+        check_precision(config.precision, device.type)
+        self.device_type = device.type
+        self.autocast = AUTOCAST[config.precision]  # None: fp32
+        self.forward = fast_forward(model, device) if fast and self.autocast is None else model
+        named = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.names, self.params = list(named), list(named.values())
         self.sizes = [p.numel() for p in self.params]
-        self.label_smoothing = config.label_smoothing
+        self.loss, self.label_smoothing = config.loss, config.label_smoothing
+        self.loss_scale = LossScale() if config.precision == "fp16" else None
         self.optimizer = build_torch_optimizer(model, config)
-        self.step = SlicedStep(self._loss_and_gradient, self._update, slices_for(model, slices), config.optim.grad_clip)
+        penalty = L1Penalty(config.l1, named) if config.l1 else None
+        self.step = SlicedStep(
+            self._loss_and_gradient, self._update, slices_for(model, slices), config.optim.grad_clip, penalty
+        )
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self.step(x, y, lr)
@@ -42,12 +58,23 @@ class AutogradEngine:
         and the share's gradient, all parameters' flattened into one vector (P,) in
         `self.params` order (zero for a parameter the loss does not use).
         """
-        logits = self.forward(x)  # (n, K)
-        loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=self.label_smoothing) / batch
-        gradients = torch.autograd.grad(loss, self.params, materialize_grads=True)
-        return loss.detach(), logits.detach(), torch.cat([g.reshape(-1) for g in gradients])
+        with torch.autocast(self.device_type, dtype=self.autocast, enabled=self.autocast is not None):
+            logits = self.forward(x)  # (n, K), in the autocast type
+        if self.autocast is not None:
+            logits = logits.float()  # the loss in fp32
+        if self.loss == "mse":  # the mean over the batch's N K elements, as nn.MSELoss on one-hot targets
+            targets = one_hot_targets(y, logits.shape[1], self.label_smoothing, logits.dtype)  # (n, K)
+            loss = F.mse_loss(logits, targets, reduction="sum") / (batch * logits.shape[1])
+        else:
+            loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=self.label_smoothing) / batch
+        scale = self.loss_scale.scale if self.loss_scale is not None else 1.0
+        gradients = torch.autograd.grad(loss * scale if scale != 1.0 else loss, self.params, materialize_grads=True)
+        gradient = torch.cat([g.reshape(-1) for g in gradients])
+        return loss.detach(), logits.detach(), gradient / scale if scale != 1.0 else gradient
 
     def _update(self, gradient: torch.Tensor, lr: float) -> None:
+        if self.loss_scale is not None and not self.loss_scale.update(gradient):
+            return  # the scaled fp16 gradient overflowed: this step is skipped, the scale halved
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]  # the same product the hand-written optimizers take
         for param, grad in zip(self.params, gradient.split(self.sizes)):
@@ -55,15 +82,54 @@ class AutogradEngine:
         self.optimizer.step()
 
     def optimizer_state(self) -> dict:
-        return self.optimizer.state_dict()
+        """torch.optim's state_dict; with fp16, and the loss scale under "loss_scale"."""
+        state = self.optimizer.state_dict()
+        return {**state, "loss_scale": self.loss_scale.state_dict()} if self.loss_scale is not None else state
 
     def load_optimizer_state(self, state: dict) -> None:
+        state = dict(state)
+        saved_scale = state.pop("loss_scale", None)
+        if self.loss_scale is not None and saved_scale is not None:
+            self.loss_scale.load_state_dict(saved_scale)
         scales = [group["lr_scale"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state)
         # torch takes each group's settings from the saved state; the scales are the config's,
         # which a resumed run shares (and a checkpoint saved before there were groups lacks).
         for group, scale in zip(self.optimizer.param_groups, scales):
             group["lr_scale"] = scale
+
+
+# The type the forward pass computes in under each --precision; None: no autocast.
+AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LossScale:
+    """Dynamic loss scaling for fp16 (the policy of torch.amp.GradScaler, on the engine's flat gradient).
+
+    fp16 flushes magnitudes below ~6e-8 to 0, where many gradients live: the loss is multiplied
+    by `scale` before the backward pass and the gradient divided by it after. A gradient that
+    overflowed (inf or nan) skips its step and halves the scale; `interval` steps in a row
+    without one double it.
+    """
+
+    def __init__(self, scale: float = 2.0**16, interval: int = 2000) -> None:
+        self.scale, self.interval, self.good_steps = scale, interval, 0
+
+    def update(self, gradient: torch.Tensor) -> bool:
+        """gradient: (P,), already divided by the scale. True when it is finite and the step may go ahead."""
+        if not bool(torch.isfinite(gradient).all()):
+            self.scale, self.good_steps = self.scale / 2, 0
+            return False
+        self.good_steps += 1
+        if self.good_steps == self.interval:
+            self.scale, self.good_steps = self.scale * 2, 0
+        return True
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
 def build_torch_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

@@ -3,9 +3,10 @@
 Step for step what the autograd engine does with torch.autograd and torch.optim:
 
     logits = network.forward(x)             every layer keeps what its backward needs
-    loss   = cross_entropy.forward(logits, y)
-    dlogits = cross_entropy.backward()      (softmax - target) / N
+    loss   = cross_entropy.forward(logits, y)    (or --loss mse: OneHotMSE)
+    dlogits = cross_entropy.backward()      (softmax - target) / N   (mse: 2 (logits - target) / (N K))
     network.backward(dlogits)               layers in reverse, each filling its grads
+    + l1.gradient()                         lambda * sign(w), when --l1 is set (in SlicedStep)
     clip_grad_norm(grads)                   when --grad-clip is set (in SlicedStep)
     optimizer.step(grads, lr)               in place, on tensors shared with the model
 
@@ -20,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnlab.backprop.losses import SoftmaxCrossEntropy
+from cnnlab.backprop.losses import make_loss
 from cnnlab.backprop.network import Sequential
 from cnnlab.backprop.optim import build_optimizer, param_groups
+from cnnlab.backprop.penalty import L1Penalty
 from cnnlab.config import TrainConfig
 from cnnlab.engine.step import SlicedStep, slices_for
 
@@ -39,7 +41,7 @@ class ManualEngine:
         count = slices_for(model, slices)
         fast = fast and next(model.parameters()).device.type == "cpu"
         self.networks = [Sequential.from_torch(model, fast=fast) for _ in range(count)]
-        self.loss_layers = [SoftmaxCrossEntropy(config.label_smoothing) for _ in range(count)]
+        self.loss_layers = [make_loss(config.loss, config.label_smoothing) for _ in range(count)]
         for network in self.networks:
             # dL/d(images) is never used: the first layer may skip computing it.
             network.skip_input_grad()
@@ -48,7 +50,8 @@ class ManualEngine:
         self.params = {name: p for name, p in self.networks[0].parameters().items() if name in trainable}
         self.names, self.sizes = list(self.params), [p.numel() for p in self.params.values()]
         self.optimizer = build_optimizer(config.optim, self.params, param_groups(model, config.optim))
-        self.step = SlicedStep(self._loss_and_gradient, self._update, count, config.optim.grad_clip)
+        penalty = L1Penalty(config.l1, self.params) if config.l1 else None
+        self.step = SlicedStep(self._loss_and_gradient, self._update, count, config.optim.grad_clip, penalty)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         return self.step(x, y, lr)

@@ -2,6 +2,7 @@
 
     slices' losses and gradients    each slice on its own core (cnnlab.fast.slices)
     gradient = sum in slice order   (P,): every parameter's, flattened into one vector
+    + the L1 penalty's              when --l1 is set (cnnlab.backprop.penalty), loss and gradient
     clip its norm                   when --grad-clip is set
     update(gradient, lr)            the engine's optimizer, in place
 
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from cnnlab.backprop.optim import clip_grad_norm
+from cnnlab.backprop.penalty import L1Penalty
 from cnnlab.fast.slices import map_slices, slice_count, sliced, sum_in_order
 
 # (slice index, x (n, C, H, W), y (n,), batch size) -> (the slice's share of the batch's mean loss (),
@@ -59,11 +61,17 @@ def slices_for(model: nn.Module, slices: int | None) -> int:
 
 
 class SlicedStep:
-    """step(x, y, lr) -> (loss, logits): slices' gradients summed in order, clipped, applied by `update`."""
+    """step(x, y, lr) -> (loss, logits): slices' gradients summed in order, penalized, clipped, applied by `update`.
 
-    def __init__(self, loss_and_gradient: LossAndGradient, update: Update, slices: int, grad_clip: float) -> None:
+    penalty: the L1 penalty over the same parameters in the same order as the gradient, or None.
+    """
+
+    def __init__(
+        self, loss_and_gradient: LossAndGradient, update: Update, slices: int, grad_clip: float,
+        penalty: L1Penalty | None = None,
+    ) -> None:  # fmt: skip
         self.loss_and_gradient, self.update = loss_and_gradient, update
-        self.slices, self.grad_clip = slices, grad_clip
+        self.slices, self.grad_clip, self.penalty = slices, grad_clip, penalty
         # Called with each step's gradient (P,) before clipping, while set: training diagnostics
         # (cnnlab.train.diagnostics) read the engine's own gradients through it.
         self.observe: Callable[[torch.Tensor], None] | None = None
@@ -77,9 +85,13 @@ class SlicedStep:
             # One flat vector: summing the slices', the norm and the clipping are one operation
             # each instead of one per parameter tensor.
             gradient = sum_in_order(gradients)  # (P,)
+            loss = sum_in_order(losses)
+            if self.penalty is not None:  # once per batch, not per slice: it does not depend on the images
+                loss = loss + self.penalty.forward().to(loss.dtype)
+                gradient += self.penalty.gradient()
             if self.observe is not None:
                 self.observe(gradient)
             if self.grad_clip > 0:
                 clip_grad_norm([gradient], self.grad_clip)  # torch's formula
             self.update(gradient, lr)
-            return sum_in_order(losses), torch.cat(logits)
+            return loss, torch.cat(logits)

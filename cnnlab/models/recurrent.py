@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnlab.models.registry import register_model
+from cnnlab.models.registry import classifier_head, register_model
 
 HIDDEN = 128  # hidden units; docs/backprop.md ("Backpropagation through time") has the runs behind it
 
@@ -39,17 +39,19 @@ class RowReader(nn.Module):
         return outputs[:, -1]
 
 
-def row_reader(rnn_type: type[nn.RNN | nn.LSTM], in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
+def row_reader(
+    rnn_type: type[nn.RNN | nn.LSTM], in_shape: tuple[int, int, int], num_classes: int, dropout: float
+) -> nn.Sequential:
     channels, _, width = in_shape
     rnn = rnn_type(channels * width, HIDDEN, batch_first=True)
-    return nn.Sequential(RowReader(rnn), nn.Linear(HIDDEN, num_classes))
+    return nn.Sequential(RowReader(rnn), *classifier_head(HIDDEN, (), num_classes, dropout=dropout))
 
 
 @register_model("rnn", "plain RNN (tanh, 128 hidden) reading the image row by row, fc on its last state")
-def rnn(in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
-    return row_reader(nn.RNN, in_shape, num_classes)
+def rnn(in_shape: tuple[int, int, int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    return row_reader(nn.RNN, in_shape, num_classes, dropout)
 
 
 @register_model("lstm", "LSTM (128 hidden) reading the image row by row, fc on its last state")
-def lstm(in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
-    return row_reader(nn.LSTM, in_shape, num_classes)
+def lstm(in_shape: tuple[int, int, int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    return row_reader(nn.LSTM, in_shape, num_classes, dropout)

@@ -1,7 +1,8 @@
 """Models register themselves by name; adding a model is adding a file.
 
-Every model is built from (in_shape, num_classes) and is an `nn.Sequential` of
-standard torch layers. Keeping to that set is what lets
+Every model is built from (in_shape, num_classes, dropout) and is an `nn.Sequential`
+of standard torch layers and cnnlab's two containers of them (`Residual` blocks,
+the recurrent `RowReader`). Keeping to that set is what lets
 the hand-written engine in `cnnlab.backprop` rebuild any registered model layer
 for layer, with the same state_dict keys.
 """
@@ -16,7 +17,8 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError
 
-Builder = Callable[[tuple[int, int, int], int], nn.Sequential]
+# (in_shape, num_classes, dropout) -> model; dropout: the probability of the head's Dropout layers
+Builder = Callable[[tuple[int, int, int], int, float], nn.Sequential]
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,17 @@ def get_model_spec(name: str) -> ModelSpec:
     return _MODELS[name]
 
 
-def create_model(name: str, in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
-    """A freshly initialised model taking (N, *in_shape) float32 and giving (N, num_classes) logits."""
+def create_model(name: str, in_shape: tuple[int, int, int], num_classes: int, *, dropout: float = 0.0) -> nn.Sequential:
+    """A freshly initialised model taking (N, *in_shape) float32 and giving (N, num_classes) logits.
+
+    dropout: the probability of the Dropout layers in front of the classifier head's fully
+    connected layers (`classifier_head`); 0 builds none, so the state_dict keys stay those of the plain model.
+    """
     if num_classes < 2:
         raise CnnlabError(f"a classifier needs at least 2 classes, the dataset has {num_classes}")
-    return get_model_spec(name).build(tuple(in_shape), num_classes)
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise CnnlabError(f"--dropout must be in [0, 1) (0 turns it off; 0.5 is typical), got {dropout}")
+    return get_model_spec(name).build(tuple(in_shape), num_classes, float(dropout))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -76,3 +84,29 @@ def flat_features(features: nn.Module, in_shape: tuple[int, int, int], model_nam
             "convolutions and pooling; pick another model or larger images"
         )
     return out[0].numel()
+
+
+def classifier_head(n_features: int, hidden: tuple[int, ...], num_classes: int, *, dropout: float, batch_norm: bool = False) -> list[nn.Module]:
+    """Fully connected layers n_features -> *hidden -> num_classes, ReLU between them.
+
+    (N, n_features) -> (N, num_classes) logits. With dropout > 0 every fully connected layer
+    gets a Dropout on its input (Hinton et al., 2012; Srivastava et al., 2014); with batch_norm
+    every hidden one a BatchNorm1d between it and its ReLU (its bias is then redundant: the
+    norm's shift replaces it).
+    """
+    layers: list[nn.Module] = []
+    sizes = (n_features, *hidden)
+    for n_in, n_out in zip(sizes, hidden):
+        layers += _dropped(dropout) + [nn.Linear(n_in, n_out, bias=not batch_norm)]
+        layers += [nn.BatchNorm1d(n_out), nn.ReLU()] if batch_norm else [nn.ReLU()]
+    return layers + _dropped(dropout) + [nn.Linear(sizes[-1], num_classes)]
+
+
+def conv_block(in_channels: int, out_channels: int, *, batch_norm: bool, **conv: int) -> list[nn.Module]:
+    """Conv2d -> (BatchNorm2d) -> ReLU; with batch norm the conv has no bias, the norm's shift replaces it."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, bias=not batch_norm, **conv)]
+    return layers + ([nn.BatchNorm2d(out_channels), nn.ReLU()] if batch_norm else [nn.ReLU()])
+
+
+def _dropped(p: float) -> list[nn.Module]:
+    return [nn.Dropout(p)] if p > 0 else []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cnnlab.models.registry import register_model
+from cnnlab.models.registry import classifier_head, register_model
 
 
 class Residual(nn.Module):
@@ -46,7 +46,7 @@ def basic_block(in_channels: int, out_channels: int, stride: int) -> Residual:
     return Residual(body, shortcut)
 
 
-def resnet(in_shape: tuple[int, int, int], num_classes: int, blocks_per_stage: int) -> nn.Sequential:
+def resnet(in_shape: tuple[int, int, int], num_classes: int, blocks_per_stage: int, dropout: float = 0.0) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(in_shape[0], 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
     channels = 16
     for stage, width in enumerate((16, 32, 64)):
@@ -55,15 +55,15 @@ def resnet(in_shape: tuple[int, int, int], num_classes: int, blocks_per_stage: i
             layers.append(basic_block(channels, width, stride))
             channels = width
     # (N, 64, H/4, W/4) -> (N, 64): averaging makes the head independent of the image size.
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), *classifier_head(channels, (), num_classes, dropout=dropout)]
     return nn.Sequential(*layers)
 
 
 @register_model("resnet8", "ResNet-8: 3 stages of 1 residual block (16-32-64 channels), batch norm")
-def resnet8(in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
-    return resnet(in_shape, num_classes, blocks_per_stage=1)
+def resnet8(in_shape: tuple[int, int, int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    return resnet(in_shape, num_classes, blocks_per_stage=1, dropout=dropout)
 
 
 @register_model("resnet20", "ResNet-20: 3 stages of 3 residual blocks (16-32-64 channels), batch norm")
-def resnet20(in_shape: tuple[int, int, int], num_classes: int) -> nn.Sequential:
-    return resnet(in_shape, num_classes, blocks_per_stage=3)
+def resnet20(in_shape: tuple[int, int, int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    return resnet(in_shape, num_classes, blocks_per_stage=3, dropout=dropout)

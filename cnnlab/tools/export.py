@@ -55,6 +55,7 @@ class ModelInfo:
     dataset: str
     test_accuracy: float | None
     cnnlab_version: str
+    dropout: float = 0.0  # the model's Dropout layers shift its state_dict keys: create_model needs it
     framing: Framing | None = None
     ood: OodCheck | None = None
 
@@ -63,7 +64,8 @@ class ModelInfo:
         """The checkpoint's description, with the framing and OOD check measured on its own data splits."""
         calibration = calibrate(checkpoint, checkpoint.build_model())
         return cls(checkpoint.model["name"], checkpoint.in_shape, checkpoint.classes, checkpoint.normalization,
-                   checkpoint.dataset, test_accuracy, cnnlab.__version__, calibration.framing, calibration.ood)  # fmt: skip
+                   checkpoint.dataset, test_accuracy, cnnlab.__version__, checkpoint.model.get("dropout", 0.0),
+                   calibration.framing, calibration.ood)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -80,7 +82,7 @@ class ModelInfo:
             return cls(str(data["name"]), in_shape, tuple(str(c) for c in data["classes"]),  # type: ignore[arg-type]
                        Normalization.from_dict(data["normalization"]), str(data["dataset"]),
                        None if data.get("test_accuracy") is None else float(data["test_accuracy"]),
-                       str(data["cnnlab_version"]),
+                       str(data["cnnlab_version"]), float(data.get("dropout", 0.0)),
                        None if data.get("framing") is None else Framing.from_dict(data["framing"]),
                        None if data.get("ood") is None else OodCheck.from_dict(data["ood"]))  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
@@ -182,7 +184,7 @@ def _torchscript_bytes(model: nn.Module, example: torch.Tensor, info: ModelInfo)
 
 
 def _safetensors_bytes(model: nn.Module, example: torch.Tensor, info: ModelInfo) -> bytes:
-    """The state_dict as safetensors; with model.json, `create_model(name, in_shape, len(classes))` rebuilds it."""
+    """The state_dict as safetensors; with model.json, `create_model(name, in_shape, len(classes), dropout=dropout)` rebuilds it."""
     from safetensors.torch import save
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

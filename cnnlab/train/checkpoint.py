@@ -41,7 +41,8 @@ _FORMAT_KEY = "cnnlab_checkpoint"
 
 @dataclass
 class Checkpoint:
-    """model: {"name", "in_shape", "num_classes"}; the other fields as saved by `save_checkpoint`.
+    """model: {"name", "in_shape", "num_classes", "dropout"} (a checkpoint without "dropout" has none);
+    the other fields as saved by `save_checkpoint`.
 
     model_state: the weights to use; training_state: the weights to resume training from,
     None where they are model_state.
@@ -66,7 +67,9 @@ class Checkpoint:
 
     def build_model(self) -> nn.Module:
         """The model with the checkpoint's weights, on the CPU, in eval mode."""
-        model = create_model(self.model["name"], self.in_shape, self.model["num_classes"])
+        model = create_model(
+            self.model["name"], self.in_shape, self.model["num_classes"], dropout=self.model.get("dropout", 0.0)
+        )
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in self.model_state.items()}
         if expected != found:
@@ -201,6 +204,9 @@ def _check_fields(payload: dict) -> None:
             and isinstance(model.get("in_shape"), (list, tuple)) and len(model["in_shape"]) == 3
             and all(type(v) is int for v in model["in_shape"])):  # noqa: E721  # fmt: skip
         raise TypeError("model must name a model, its input shape and its class count")
+    dropout = model.get("dropout", 0.0)
+    if not (type(dropout) in (int, float) and 0 <= dropout < 1):  # noqa: E721 - a bool is no probability
+        raise TypeError("model's dropout must be a probability in [0, 1)")
     state = payload["model_state"]
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise TypeError("model_state must map names to tensors")

@@ -3,7 +3,8 @@
 Read top to bottom: `fit` sets the run up (`prepare`), starts it or puts it back
 where a checkpoint left it (`restore`), then for each epoch trains and validates
 (`run_epoch`, which calls `train_one_epoch` and `evaluate`) and saves
-(`save_epoch`), and finally tests the best model (`finish`). One optimizer step
+(`save_epoch`) until the last epoch or early stopping (`--patience`, `stop_early`),
+and finally tests the best model (`finish`). One optimizer step
 is zero_grad -> forward -> loss -> backward -> step, inside the engine.
 
 SIGINT and SIGTERM do not cut a run short at a random point: while `fit` runs, the
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 import cnnlab
+from cnnlab.backprop.penalty import L1Penalty
 from cnnlab.config import TrainConfig
 from cnnlab.data.dataset import DatasetSplits, ImageDataset, Normalization
 from cnnlab.data.sources import load_splits, normalization_for
@@ -83,6 +85,10 @@ class RunState:
     step: int = 0
     rows: list[dict[str, float]] = field(default_factory=list)
     best_accuracy: float = -1.0  # the best validation accuracy so far; -1 before any
+    # Early stopping: the accuracy the next epoch must beat by more than --min-delta, and how many
+    # epochs in a row have not. Kept in the checkpoint, exact: metrics.csv rounds accuracies.
+    target_accuracy: float = -1.0
+    epochs_without_improvement: int = 0
 
 
 @dataclass(frozen=True)
@@ -220,6 +226,8 @@ def _fit(
         f"{len(test_data)} test) on {device}, {config.engine} engine, into {run.path}"
     )
     for epoch in range(state.epoch + 1, config.epochs + 1):
+        if stop_early(config, state):  # checked first: a resumed run that had stopped early stays stopped
+            break
         # Between epochs: the one point a run can stop at and resume from exactly. A stop asked
         # for during the last epoch lets the run finish instead, as only its test would remain.
         if stop.signum is not None:
@@ -243,7 +251,34 @@ def _fit(
         rows=state.rows,
         config=config,
         device=device,
+        stopped=stop_record(config, state),
     )
+
+
+def stop_early(config: TrainConfig, state: RunState) -> bool:
+    """Whether --patience epochs in a row have passed without the validation accuracy improving."""
+    return 0 < config.patience <= state.epochs_without_improvement
+
+
+def track_improvement(config: TrainConfig, state: RunState, val_accuracy: float) -> None:
+    """Count the epoch towards --patience unless its validation accuracy beats the target by more than --min-delta."""
+    if val_accuracy > state.target_accuracy + config.min_delta:
+        state.target_accuracy, state.epochs_without_improvement = val_accuracy, 0
+    else:
+        state.epochs_without_improvement += 1
+
+
+def stop_record(config: TrainConfig, state: RunState) -> dict:
+    """summary.json's "stopped": why training ended, after which epoch, and in words."""
+    if stop_early(config, state) and state.epoch < config.epochs:
+        best = state.epoch - state.epochs_without_improvement
+        return {
+            "reason": "early_stopping",
+            "epoch": state.epoch,
+            "detail": f"validation accuracy did not improve by more than {config.min_delta:g} for {config.patience} "
+            f"epochs after epoch {best} ({100 * state.target_accuracy:.2f}%)",
+        }
+    return {"reason": "completed", "epoch": state.epoch, "detail": f"all {config.epochs} epochs trained"}
 
 
 def prepare(
@@ -255,7 +290,7 @@ def prepare(
     the data to draw from the global RNG.
     """
     normalization = normalization_for(splits) if resume is None else resume.normalization
-    model = create_model(config.model, splits.image_shape, len(splits.classes))
+    model = create_model(config.model, splits.image_shape, len(splits.classes), dropout=config.dropout)
     data = splits.train.to(device)
     shuffle = torch.Generator().manual_seed(config.seed)
     augmenter = make_augmenter(config, device)
@@ -301,7 +336,12 @@ def restore(setup: TrainSetup, *, resume: Checkpoint, run: RunDirectory) -> RunS
         setup.augmenter.load_state_dict({"generator": resume.rng["augment"]})
     rows = [r for r in run.read_metrics() if r["epoch"] <= resume.epoch]
     best_accuracy = max((r["val_accuracy"] for r in rows), default=-1.0)
-    return RunState(epoch=resume.epoch, step=resume.step, rows=rows, best_accuracy=best_accuracy)
+    metrics = resume.metrics or {}
+    return RunState(
+        epoch=resume.epoch, step=resume.step, rows=rows, best_accuracy=best_accuracy,
+        target_accuracy=float(metrics.get("early_stopping_target", -1.0)),
+        epochs_without_improvement=int(metrics.get("epochs_without_improvement", 0)),
+    )  # fmt: skip
 
 
 def run_epoch(setup: TrainSetup, state: RunState, *, epoch: int, val_data: ImageDataset) -> dict[str, float]:
@@ -315,7 +355,7 @@ def run_epoch(setup: TrainSetup, state: RunState, *, epoch: int, val_data: Image
     seconds = time.perf_counter() - started
     state.epoch = epoch
     val = evaluate(setup.evaluated, val_data, setup.normalization)
-    return {
+    row = {
         "epoch": epoch,
         "lr": learning_rate(config.optim, max(state.step - 1, 0), setup.steps_per_epoch, setup.total_steps),
         "train_loss": train_loss,
@@ -325,6 +365,9 @@ def run_epoch(setup: TrainSetup, state: RunState, *, epoch: int, val_data: Image
         "seconds": seconds,
         "images_per_s": len(setup.data) / seconds,
     }
+    if config.l1:  # the penalty at the epoch's end (trained) weights, as the loss adds it: lambda * sum |w|
+        row["l1_penalty"] = L1Penalty(config.l1, dict(setup.engine.model.named_parameters())).forward().item()
+    return row
 
 
 def save_epoch(
@@ -338,7 +381,8 @@ def save_epoch(
 ) -> None:
     """Record the epoch in `state` and in `run`: its metrics row, its checkpoint as "last", and as "best" if it is."""
     state.rows.append(row)
-    checkpoint = make_checkpoint(setup, splits=splits, epoch=state.epoch, step=state.step, row=row)
+    track_improvement(setup.config, state, row["val_accuracy"])
+    checkpoint = make_checkpoint(setup, splits=splits, state=state, row=row)
     # Without a validation split, the latest epoch counts as the best one. A tie goes
     # to the later epoch: small validation splits (digits: 144 images) often sit at
     # the same accuracy for several epochs while the annealing schedule still improves
@@ -354,20 +398,23 @@ def save_epoch(
     run.save_checkpoint("last", checkpoint)
 
 
-def make_checkpoint(
-    setup: TrainSetup, *, splits: DatasetSplits, epoch: int, step: int, row: dict[str, float]
-) -> Checkpoint:
+def make_checkpoint(setup: TrainSetup, *, splits: DatasetSplits, state: RunState, row: dict[str, float]) -> Checkpoint:
     """Everything to use the model (the evaluated weights) and to continue training exactly (the rest)."""
     config = setup.config
     return Checkpoint(
-        model={"name": config.model, "in_shape": list(splits.image_shape), "num_classes": len(splits.classes)},
+        model={
+            "name": config.model,
+            "in_shape": list(splits.image_shape),
+            "num_classes": len(splits.classes),
+            "dropout": config.dropout,
+        },
         model_state=setup.evaluated.state_dict(),
         training_state=setup.engine.model.state_dict() if setup.average is not None else None,
         normalization=setup.normalization,
         classes=splits.classes,
         dataset=config.dataset,
-        epoch=epoch,
-        step=step,
+        epoch=state.epoch,
+        step=state.step,
         optimizer_state=setup.engine.optimizer_state(),
         rng={
             "torch": torch.get_rng_state(),
@@ -375,7 +422,11 @@ def make_checkpoint(
             **({"augment": setup.augmenter.state_dict()["generator"]} if setup.augmenter is not None else {}),
         },
         config=config.to_dict(),
-        metrics=dict(row),
+        metrics={
+            **row,
+            "early_stopping_target": state.target_accuracy,
+            "epochs_without_improvement": state.epochs_without_improvement,
+        },
     )
 
 
@@ -422,8 +473,12 @@ def finish(
     rows: list[dict[str, float]],
     config: TrainConfig,
     device: torch.device,
+    stopped: dict,
 ) -> RunResult:
-    """Test the best checkpoint and write the run's summary, curves and confusion matrix."""
+    """Test the best checkpoint and write the run's summary, curves and confusion matrix.
+
+    stopped: why and after which epoch training ended (`stop_record`), for summary.json.
+    """
     best = run.load_checkpoint("best")
     model = best.build_model().to(device)
     test = report(model, test_data, normalization)
@@ -431,6 +486,7 @@ def finish(
     plot_confusion(test.confusion, splits.classes, run.file("confusion_matrix.png"))
     plot_curves(rows, run.file("curves.png"))
     summary = _summary(test, best_epoch=best.epoch, rows=rows, config=config, classes=splits.classes, device=device)
+    summary["stopped"] = stopped
     run.write_json("summary.json", summary)
     return RunResult(run.path, test, rows)
 

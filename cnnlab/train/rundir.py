@@ -36,6 +36,7 @@ from cnnlab.train.checkpoint import Checkpoint, copy_checkpoint, load_checkpoint
 METRIC_COLUMNS = (
     "epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "images_per_s",
 )  # fmt: skip
+OPTIONAL_COLUMNS = ("l1_penalty",)  # written when the rows have them (--l1)
 
 
 class RunDirectory:
@@ -132,10 +133,11 @@ class RunDirectory:
 
     def write_metrics(self, rows: list[dict[str, float]]) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+        columns = METRIC_COLUMNS + tuple(k for k in OPTIONAL_COLUMNS if rows and k in rows[0])
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _format_number(row[k]) for k in METRIC_COLUMNS})
+            writer.writerow({k: _format_number(row[k]) for k in columns})
         atomic_write_text(self.path / "metrics.csv", buffer.getvalue())
 
     def read_metrics(self) -> list[dict[str, float]]:

@@ -7,9 +7,9 @@ from cnnlab.backprop.activations import ReLU
 from cnnlab.backprop.gradcheck import KINK_PROBE, check_model, check_sequential, finite_difference_errors
 from cnnlab.backprop.pool import MaxPool2d
 from cnnlab.cli import main
-from cnnlab.models import all_models
+from cnnlab.models import all_models, create_model
 
-SMALL_INPUT = {"cifar_cnn": (3, 12, 12), "lenet5": (1, 20, 20)}
+SMALL_INPUT = {"cifar_cnn": (3, 12, 12), "lenet5": (1, 20, 20), "lenet5_bn": (1, 20, 20)}
 
 
 @pytest.mark.parametrize("name", sorted(spec.name for spec in all_models()))
@@ -112,3 +112,10 @@ def test_rounding_of_a_large_loss_is_not_a_gradient_error():
     # The allowance is rounding's, no more: a gradient off by 1e-6 of the loss's scale still fails.
     off = {"x": leaf.grad + 3e-7 * torch.sign(leaf.grad)}
     assert finite_difference_errors(f, {"x": x}, off, 32, generator)[1] > 1e-6
+
+
+def test_a_model_built_with_dropout_passes_gradcheck_dropout_layers_included():
+    torch.manual_seed(0)
+    report = check_sequential(create_model("lenet5", (1, 16, 16), 4, dropout=0.5), "lenet5", (3, 1, 16, 16), points=6)
+    dropout_rows = [row for row in report.rows if "Dropout" in row.layer]
+    assert len(dropout_rows) == 3 and report.passed, report.table()

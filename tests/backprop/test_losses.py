@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnnlab.backprop.gradcheck import finite_difference_errors
-from cnnlab.backprop.losses import MSELoss, SoftmaxCrossEntropy
+from cnnlab.backprop.losses import MSELoss, OneHotMSE, SoftmaxCrossEntropy, make_loss
 from cnnlab.errors import CnnlabError
 from tests.backprop.conftest import random_input
 
@@ -60,3 +60,30 @@ def test_losses_say_what_shapes_they_got():
         MSELoss().forward(torch.zeros(2, 3), torch.zeros(3, 2))
     with pytest.raises(CnnlabError, match="backward\\(\\) needs a forward\\(\\) first"):
         MSELoss().backward()
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 7), st.sampled_from([0.0, 0.1]), st.integers(0, 2**16))
+def test_one_hot_mse_is_torch_mse_loss_on_one_hot_targets_in_value_and_gradient(n, k, smoothing, seed):
+    z = random_input((n, k), seed) * 3
+    y = torch.randint(k, (n,), generator=torch.Generator().manual_seed(seed))
+    target = F.one_hot(y, k).double() * (1 - smoothing) + smoothing / k
+    z_leaf = z.clone().requires_grad_()
+    expected = torch.nn.MSELoss()(z_leaf, target)
+    (expected_dz,) = torch.autograd.grad(expected, z_leaf)
+    loss = OneHotMSE(smoothing)
+    assert loss.forward(z, y).item() == pytest.approx(expected.item(), rel=1e-12, abs=1e-14)
+    dz = loss.backward()
+    assert relative_error(dz, expected_dz) <= 1e-10
+
+    fd_abs, fd_rel, points, _ = finite_difference_errors(
+        lambda: float(F.mse_loss(z, target)), {"z": z}, {"z": dz}, 8, torch.Generator()
+    )
+    assert fd_rel <= 1e-6 and points > 0
+
+
+def test_make_loss_builds_the_loss_train_names():
+    assert isinstance(make_loss("mse", 0.1), OneHotMSE) and make_loss("mse", 0.1).label_smoothing == 0.1
+    assert isinstance(make_loss("cross-entropy"), SoftmaxCrossEntropy)
+    with pytest.raises(CnnlabError, match="expects logits"):
+        OneHotMSE().forward(torch.zeros(3), torch.zeros(3, dtype=torch.int64))

@@ -142,3 +142,12 @@ def test_alternate_takes_turns_in_alternating_order_after_one_warm_up_each(monke
     seconds = alternate(work, rounds=3, calls={"a": 2, "b": 1})
     assert calls == ["a", "b", "a", "a", "b", "b", "a", "a", "a", "a", "b"]
     assert [len(s) for s in seconds.values()] == [3, 3] and all(t >= 0 for s in seconds.values() for t in s)
+
+
+def test_precision_compares_fp32_and_bf16_speed_and_accuracy_per_model(tmp_path):
+    results, stdout = run_quick("precision.py", tmp_path / "precision.json", "--dataset", "digits", "--models", "simple_cnn")
+    rows = results["models"]["simple_cnn"]
+    assert set(rows) == {"fp32", "bf16"} and rows["fp32"]["speed_vs_fp32"] == 1.0
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and 0 <= row["test_accuracy"] <= 1 and row["speed_vs_fp32"] > 0
+    assert "simple_cnn bf16" in " ".join(stdout.split())

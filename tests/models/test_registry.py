@@ -60,3 +60,44 @@ def test_unknown_model_and_impossible_inputs_are_clear_errors():
         create_model("lenet5", (1, 8, 8), 10)
     with pytest.raises(CnnlabError, match="at least 2 classes"):
         create_model("lenet5", (1, 28, 28), 1)
+
+
+@pytest.mark.parametrize("name", sorted(spec.name for spec in all_models()))
+def test_dropout_goes_before_every_fc_layer_and_none_keeps_the_plain_state_dict(name):
+    plain, dropped = create_model(name, (1, 28, 28), 10), create_model(name, (1, 28, 28), 10, dropout=0.4)
+    modules = list(dropped)
+    linears = [i for i, m in enumerate(modules) if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(modules[i - 1], torch.nn.Dropout) and modules[i - 1].p == 0.4 for i in linears)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())
+    assert count_parameters(plain) == count_parameters(dropped)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "cifar_cnn_bn", "resnet8"])
+def test_dropout_is_active_in_training_and_inactive_in_evaluation(name):
+    torch.manual_seed(0)
+    model = create_model(name, (1, 28, 28), 10, dropout=0.5)
+    x = torch.randn(4, 1, 28, 28)
+    # The same weights without the Dropout layers: what evaluation must compute.
+    without = torch.nn.Sequential(*(m for m in model if not isinstance(m, torch.nn.Dropout))).eval()
+    model.eval()
+    assert torch.equal(model(x), model(x)) and torch.equal(model(x), without(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("plain, with_bn", [("lenet5", "lenet5_bn"), ("simple_cnn", "simple_cnn_bn"), ("cifar_cnn", "cifar_cnn_bn")])
+def test_batch_norm_variants_norm_every_hidden_layer_of_the_plain_model(plain, with_bn):
+    a, b = create_model(plain, (1, 28, 28), 10), create_model(with_bn, (1, 28, 28), 10)
+    weighted = [m for m in a.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    norms = [m for m in b.modules() if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    assert len(norms) == len(weighted) - 1  # every layer but the output
+    layers = list(b)
+    for i, m in enumerate(layers):
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            assert layers[i - 1].bias is None and isinstance(layers[i + 1], torch.nn.ReLU)
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+def test_a_dropout_outside_0_1_is_refused(dropout):
+    with pytest.raises(CnnlabError, match=r"--dropout must be in \[0, 1\)"):
+        create_model("lenet5", (1, 28, 28), 10, dropout=dropout)
