@@ -112,6 +112,9 @@ class TrainConfig:
     name: str | None = None  # run directory name; derived from model, dataset and time when None
     runs_dir: str = "runs"
     strict_data: bool = False  # an unreadable image in a folder: dataset is an error, not a skipped file
+    # How many processes train the run (torchrun's world size): set by the launch, not chosen
+    # in a config file; recorded so that a resume can refuse another (cnnlab.train.distributed).
+    world_size: int = 1
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -129,6 +132,8 @@ class TrainConfig:
             raise CnnlabError(f"unknown engine '{self.engine}': choose one of {', '.join(ENGINES)}")
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
             raise CnnlabError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps")
+        if self.world_size < 1:
+            raise CnnlabError(f"world_size must be at least 1, got {self.world_size}")
         if not 0 <= self.val_fraction < 1:
             raise CnnlabError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         self.optim.validate()

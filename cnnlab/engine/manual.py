@@ -48,8 +48,10 @@ class ManualEngine:
         self.optimizer = build_optimizer(config.optim, self.params)
         self.step = SlicedStep(self._loss_and_gradient, self._update, count, config.optim.grad_clip)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.step(x, y, lr)
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step(x, y, lr, batch)
 
     def _loss_and_gradient(
         self, index: int, x: torch.Tensor, y: torch.Tensor, batch: int

@@ -27,15 +27,20 @@ from cnnlab.fast.slices import map_slices, slice_count, sliced, sum_in_order
 # its logits (n, K), the share's gradient (P,)), all detached
 LossAndGradient = Callable[[int, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 Update = Callable[[torch.Tensor, float], None]  # (gradient (P,), learning rate) -> parameters updated in place
+# (gradient (P,), loss ()) of this process's shard -> their sums over a data-parallel job's processes
+Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Engine(Protocol):
     model: nn.Module
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on a batch at learning rate `lr`.
 
         x: (N, C, H, W) float32, normalized; y: (N,) int64.
+        batch: in a data-parallel job, the size of the global batch x is a shard of (SlicedStep).
         Returns (loss, logits): a 0-dim float tensor (mean over the batch) and (N, K) logits,
         both detached.
         """
@@ -61,17 +66,26 @@ class SlicedStep:
     def __init__(self, loss_and_gradient: LossAndGradient, update: Update, slices: int, grad_clip: float) -> None:
         self.loss_and_gradient, self.update = loss_and_gradient, update
         self.slices, self.grad_clip = slices, grad_clip
+        self.reduce: Reduce | None = None  # set in a data-parallel job (cnnlab.train.distributed)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (N, C, H, W) float32, normalized; y: (N,) int64 -> (mean loss (), logits (N, K))."""
-        batch = len(x)
-        with sliced(batch, self.slices) as count:
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (n, C, H, W) float32, normalized; y: (n,) int64 -> (mean loss (), logits (n, K)).
+
+        batch: the size of the global batch x is this process's shard of, in a data-parallel
+        job (`reduce` then sums the shards'); None when x is the whole batch.
+        """
+        batch = len(x) if batch is None else batch
+        with sliced(len(x), self.slices) as count:
             parts = map_slices(lambda i, xs, ys: self.loss_and_gradient(i, xs, ys, batch), x, y, count)
             losses, logits, gradients = zip(*parts)
             # One flat vector: summing the slices', the norm and the clipping are one operation
             # each instead of one per parameter tensor.
-            gradient = sum_in_order(gradients)  # (P,)
+            gradient, loss = sum_in_order(gradients), sum_in_order(losses)  # (P,), ()
+            if self.reduce is not None:
+                gradient, loss = self.reduce(gradient, loss)
             if self.grad_clip > 0:
                 clip_grad_norm([gradient], self.grad_clip)  # torch's formula
             self.update(gradient, lr)
-            return sum_in_order(losses), torch.cat(logits)
+            return loss, torch.cat(logits)

@@ -39,6 +39,8 @@ METRIC_COLUMNS = (
 
 
 class RunDirectory:
+    writes = True  # False on the ranks of a data-parallel job other than 0 (cnnlab.train.distributed)
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
