@@ -87,14 +87,16 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         run = world.open_run(args.resume)
         checkpoint = run.resume_checkpoint  # last.pt, or the newest good one if it is damaged
-        result = fit(_resumed_config(args, checkpoint, run_path=run.path), run, progress, resume=checkpoint, world=world)
+        config = world.agree(lambda: _resumed_config(args, checkpoint, run_path=run.path))
+        result = fit(config, run, progress, resume=checkpoint, world=world)
     else:
-        resolution = _resolve_new_run(args)
+        resolution = world.agree(lambda: _resolve_new_run(args))
         config = dataclasses.replace(resolution.config, world_size=world.size)
         if resolution.recipe_applied or resolution.recipe_overridden:
             progress.message(_recipe_line(resolution))
         run = world.create_run(Path(config.runs_dir) / (config.name or _run_name(config)), overwrite=args.overwrite)
-        # A new run but after torchrun restarted the job, when it had saved a checkpoint.
+        if run.resume_checkpoint is not None:  # torchrun restarted the job after a failure
+            progress.message(f"the job restarted: {run.path} continues from epoch {run.resume_checkpoint.epoch}")
         result = fit(config, run, progress, resume=run.resume_checkpoint, world=world)
 
     test = result.test.evaluation

@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,7 @@ from cnnlab.train.rundir import RunDirectory
 # that dies closes its connections and fails its peers at once; this bounds the rest
 # (a rank stuck, or a node gone without a word).
 TIMEOUT = timedelta(seconds=120)
+T = TypeVar("T")
 EXIT_USAGE = 2  # what the other ranks exit with when rank 0 refuses the job (cnnlab.cli's for a CnnlabError)
 
 
@@ -80,13 +81,33 @@ class World:
             raise CnnlabError(message)
         raise SystemExit(EXIT_USAGE)
 
+    def agree(self, check: Callable[[], T]) -> T:
+        """check() on every rank; a CnnlabError on any ends the job with one line from rank 0.
+
+        For the steps before training whose mistakes every rank would find alike (options,
+        data): one rank says so, not all of them. A failure only some ranks meet is named by rank.
+        """
+        if not self.distributed:
+            return check()
+        result, problem = None, None
+        try:
+            result = check()
+        except CnnlabError as exc:
+            problem = str(exc)
+        problems: list[Any] = [None] * self.size
+        dist.all_gather_object(problems, problem)
+        for rank, problem in enumerate(problems):
+            if problem is not None:
+                self.refuse(problem if rank == 0 else f"rank {rank}: {problem}")
+        return result
+
     def check(self, config: TrainConfig, device: torch.device) -> None:
         """Refuse a job its ranks cannot run together; on every rank, before anything is written."""
-        problem = launch_problem(config, self.size, self.local_size, device)
+        problem = _config_mismatch(config) if self.distributed else None
+        if problem is None:
+            problem = launch_problem(config, self.size, self.local_size, device)
         if problem is None and self.max_restarts and config.name is None:
             problem = "torchrun --max-restarts restarts the job, which then finds its run by name: pass --name"
-        if problem is None and self.distributed:
-            problem = _config_mismatch(config)
         if problem is not None:
             self.refuse(problem)
 
@@ -241,7 +262,11 @@ def join() -> World:
         return world
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=TIMEOUT)
+        # torchrun's store outlives a restart, and the previous attempt's addresses in it would send
+        # the new ranks to dead peers: each attempt keys its own under a prefix.
+        store, _, _ = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        store = dist.PrefixStore(f"cnnlab/attempt-{world.restart}", store)
+        dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=TIMEOUT)
     if world.rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
     return world
@@ -255,17 +280,17 @@ def launch_problem(config: TrainConfig, processes: int, local_processes: int, de
             f"streams are per process, so continue it with {config.world_size} "
             f"(cnnlab train --nproc {config.world_size} --resume RUN)"
         )
-    if config.batch_size % processes:
-        return (
-            f"--batch-size {config.batch_size} does not split evenly over {processes} processes: "
-            f"choose a batch size that is a multiple of {processes}"
-        )
     if device.type == "cuda":
         have, what = torch.cuda.device_count(), "GPU(s)"
     else:
         have, what = _cores(), "CPU core(s)"
     if local_processes > have:
         return f"{local_processes} processes on this machine, which has {have} {what}: use at most {have}"
+    if config.batch_size % processes:
+        return (
+            f"--batch-size {config.batch_size} does not split evenly over {processes} processes: "
+            f"choose a batch size that is a multiple of {processes}"
+        )
     return None
 
 

@@ -160,7 +160,7 @@ def fit(
     Raises `Interrupted` when SIGINT or SIGTERM stops it (see the module's docstring).
     """
     if resume is not None:
-        check_resumable(config, resume, run)
+        world.agree(lambda: check_resumable(config, resume, run))
     with StopRequests() as stop:
         try:
             return _fit(config, run, progress, resume, stop, world)
@@ -216,14 +216,14 @@ def _fit(
     world: World,
 ) -> RunResult:
     stop.saved = resume.epoch if resume is not None else 0  # the last epoch whose checkpoint is on disk
-    device = resolve_device(config.device)
+    device = world.agree(lambda: resolve_device(config.device))
     world.check(config, device)
     device = world.device(device)
     torch.manual_seed(config.seed)
-    splits = load_splits(
+    splits = world.agree(lambda: load_splits(
         config.dataset, _path_or_none(config.data_dir), config.val_fraction, config.seed, strict=config.strict_data
-    )
-    setup = prepare(config, splits=splits, device=device, progress=progress, resume=resume, world=world)
+    ))  # fmt: skip
+    setup = world.agree(lambda: prepare(config, splits=splits, device=device, progress=progress, resume=resume, world=world))
     state = restore(setup, resume=resume, run=run) if resume is not None else RunState()
     run.prepare()
     # Rewritten on resume too: --epochs may have grown, and config.yaml must describe the whole run.
@@ -420,7 +420,7 @@ def train_one_epoch(setup: TrainSetup, order: torch.Tensor, *, step: int) -> tup
         lr = learning_rate(config.optim, step, setup.steps_per_epoch, setup.total_steps)
         loss, logits = setup.engine.train_step(x, labels, lr, batch=len(batch))
         if not torch.isfinite(loss):
-            raise CnnlabError(
+            setup.world.refuse(  # the loss is the whole batch's, so every rank stops here
                 f"the loss became {loss.item()} at step {step}: training diverged; lower --lr or set --grad-clip"
             )
         if average is not None:
