@@ -115,6 +115,7 @@ class TrainConfig:
     # How many processes train the run (torchrun's world size): set by the launch, not chosen
     # in a config file; recorded so that a resume can refuse another (cnnlab.train.distributed).
     world_size: int = 1
+    sync_bn: bool = False  # data-parallel: batch-norm statistics over the global batch, not each process's shard
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

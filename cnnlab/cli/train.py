@@ -49,6 +49,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--translate", "augment.translate", {"type": float, "help": "augment: max shift, fraction of size"}),
     ("--scale", "augment.scale", {"type": float, "help": "augment: max zoom, fraction"}),
     ("--erase", "augment.erase", {"type": float, "help": "augment: probability of random erasing"}),
+    ("--sync-bn", "sync_bn", {"action": "store_true", "help": "data-parallel (--nproc, torchrun): batch-norm "
+                               "statistics over the whole global batch rather than each process's shard"}),
     ("--strict", "strict_data", {"action": "store_true", "help": "folder: datasets: fail on unreadable images"}),
 ]
 

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cnnlab.backprop.norm import BatchNorm
 from cnnlab.config import TrainConfig
 from cnnlab.data.dataset import ImageDataset, Normalization
 from cnnlab.errors import CnnlabError
@@ -129,10 +130,25 @@ class World:
         if augmenter is not None:
             augmenter.load_state_dict({"generator": torch.Generator().manual_seed(seed + self.rank).get_state()})
 
-    def attach(self, engine: Any) -> None:
-        """Make `engine`'s step sum every rank's gradient and loss before it clips and updates."""
-        if self.distributed:
-            engine.step.reduce = _reduce_step
+    def attach(self, engine: Any, sync_bn: bool) -> None:
+        """Make `engine`'s step sum every rank's gradient and loss before it clips and updates.
+
+        sync_bn: batch-norm layers normalise with the whole global batch's statistics
+        (the hand-written layers' `reduce`; for autograd, `_SyncBatchNorm`).
+        """
+        if not self.distributed:
+            return
+        engine.step.reduce = _reduce_step
+        if not sync_bn:
+            return
+        for module in engine.model.modules():
+            if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d):
+                # The same object, so the engine's forward and the checkpoints see it; only its forward changes.
+                module.__class__ = _SyncBatchNorm
+        for network in getattr(engine, "networks", ()):
+            for layer in _backprop_layers(network):
+                if isinstance(layer, BatchNorm):
+                    layer.reduce = _sum_over_ranks
 
     def shard(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous part of a global batch's row indices (n,): rows[r*n//W : (r+1)*n//W]."""
@@ -323,6 +339,67 @@ def _reduce_step(gradient: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tens
     packed = torch.cat([gradient, loss.reshape(1).to(gradient.dtype)])  # (P + 1,)
     dist.all_reduce(packed)
     return packed[:-1], packed[-1]
+
+
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """x summed over the ranks, as a new tensor."""
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def _backprop_layers(layer: Any) -> Any:
+    """Every layer of a cnnlab.backprop network, containers' contents included."""
+    yield layer
+    for child in [*getattr(layer, "layers", ()), *(getattr(layer, name, None) for name in ("body", "shortcut"))]:
+        if child is not None:
+            yield from _backprop_layers(child)
+
+
+class _AllReduce(torch.autograd.Function):
+    """y = the sum over the ranks of x; so dL/dx on each rank is the sum over the ranks of dL/dy."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return _sum_over_ranks(x)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> torch.Tensor:
+        return _sum_over_ranks(dy)
+
+
+class _SyncBatchNorm(nn.BatchNorm2d):
+    """Batch norm whose training statistics are the global batch's (--sync-bn, autograd engine).
+
+    Each rank's per-channel sums of x and its count, then of (x - mean)^2, are all-reduced (`_AllReduce`,
+    whose backward all-reduces their gradients: the chain rule through the global mean and
+    variance). torch's SyncBatchNorm takes GPU tensors only.
+    x: (N, C, ...) -> the same shape. In evaluation, the running statistics, as always.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() not in (2, 3, 4):
+            raise ValueError(f"expected a 2-d, 3-d or 4-d input, got {x.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        c, dims = self.num_features, (0, *range(2, x.dim()))
+        per_channel = (1, c) + (1,) * (x.dim() - 2)
+        # The mean first, then the squares about it, as var_mean: E[x^2] - mean^2 in float32 loses
+        # the variance of channels whose mean is large beside it.
+        totals = _AllReduce.apply(torch.cat([x.sum(dims), x.new_full((1,), x.numel() // c)]))  # (C + 1,)
+        m = totals[-1].detach()
+        mu = totals[:c] / m
+        var = _AllReduce.apply(((x - mu.view(per_channel)) ** 2).sum(dims)) / m
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - momentum).add_(mu, alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(var * m / (m - 1), alpha=momentum)
+        y = (x - mu.view(per_channel)) * torch.rsqrt(var + self.eps).view(per_channel)
+        return y * self.weight.view(per_channel) + self.bias.view(per_channel) if self.affine else y
 
 
 class FollowerRun(RunDirectory):

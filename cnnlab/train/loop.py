@@ -285,7 +285,7 @@ def prepare(
         saved = resume.build_model()  # checks that the weights fit the model
         model.load_state_dict(saved.state_dict() if resume.training_state is None else resume.training_state)
     engine = make_engine(model.to(device), config)
-    world.attach(engine)
+    world.attach(engine, sync_bn=config.sync_bn)
     steps_per_epoch = -(-len(data) // config.batch_size)
     return TrainSetup(
         config=config,

@@ -182,3 +182,15 @@ def test_a_run_resumes_only_under_its_world_size(tmp_path, capsys):
         "cnnlab: error: the run was trained by 1 process(es) and this job has 2: its random streams are per "
         "process, so continue it with 1 (cnnlab train --nproc 1 --resume RUN)"
     ]
+
+
+@pytest.mark.parametrize("engine", ["autograd", "manual"])
+def test_synchronised_batch_norm_normalises_over_the_global_batch(tmp_path, engine):
+    # ResNet-8's batch norm over the global batch of 64, as one process has it: 3 steps on 179 images.
+    # Each process's own statistics (32 images) would part the weights by far more than 1e-5.
+    args = [*RUN[:3], "--model", "resnet8", "--batch-size", "64", "--lr", "0.02", "--epochs", "1", "--val-fraction", "0.9",
+            "--engine", engine]
+    assert main(["train", *args, "--runs-dir", str(tmp_path), "--name", "one"]) == 0
+    job = torchrun(tmp_path, *args, "--sync-bn", "--runs-dir", str(tmp_path), "--name", "two")
+    assert job.returncode == 0, job.stderr
+    assert max_difference(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5
