@@ -18,7 +18,7 @@ through them (docs/backprop.md) gives
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -32,10 +32,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from itertools import pairwise
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -191,15 +193,17 @@ class World:
         n = len(data)
         bounds = [r * n // self.size for r in range(self.size + 1)]
         start, stop = bounds[self.rank], bounds[self.rank + 1]
-        own = evaluate(model, ImageDataset(data.images[start:stop], data.labels[start:stop], data.classes), normalization)
+        own = evaluate(
+            model, ImageDataset(data.images[start:stop], data.labels[start:stop], data.classes), normalization
+        )
         loss_sum = torch.tensor(own.loss * (stop - start) if stop > start else 0.0, dtype=torch.float64)
         dist.all_reduce(loss_sum)
-        width = max(b - a for a, b in zip(bounds, bounds[1:]))
+        width = max(b - a for a, b in pairwise(bounds))
         padded = torch.full((width,), -1, dtype=torch.int64)  # all_gather takes tensors of one shape
         padded[: stop - start] = own.predictions
         gathered = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(gathered, padded)
-        predictions = torch.cat([g[: b - a] for g, a, b in zip(gathered, bounds, bounds[1:])])  # (N,) int64
+        predictions = torch.cat([g[: b - a] for g, (a, b) in zip(gathered, pairwise(bounds))])  # (N,) int64
         accuracy = (predictions == data.labels.cpu()).to(torch.float64).mean().item()
         return Evaluation(loss_sum.item() / n, accuracy, predictions)
 
@@ -242,7 +246,12 @@ class World:
             try:
                 run = make()
                 resumed = run.resume_checkpoint is not None
-                sent = (None, run.resume_checkpoint, run.read_metrics(), run.load_checkpoint("best") if resumed else None)
+                sent = (
+                    None,
+                    run.resume_checkpoint,
+                    run.read_metrics(),
+                    run.load_checkpoint("best") if resumed else None,
+                )
             except CnnlabError as exc:
                 sent = (str(exc), None, [], None)
         error, checkpoint, rows, best = self._broadcast(sent)
@@ -257,6 +266,9 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+
+ONE_PROCESS = World()  # a run without torchrun, or a job of one process
 
 
 def join() -> World:
@@ -412,7 +424,11 @@ class FollowerRun(RunDirectory):
     writes = False
 
     def __init__(
-        self, path: Path, resume_checkpoint: Checkpoint | None = None, rows: list | None = None, best: Checkpoint | None = None
+        self,
+        path: Path,
+        resume_checkpoint: Checkpoint | None = None,
+        rows: list | None = None,
+        best: Checkpoint | None = None,
     ) -> None:
         super().__init__(path)
         self.resume_checkpoint = resume_checkpoint

@@ -36,7 +36,7 @@ from cnnlab.train.averaging import WeightAverage
 from cnnlab.train.checkpoint import Checkpoint
 from cnnlab.engine import make_engine
 from cnnlab.engine.step import Engine
-from cnnlab.train.distributed import World
+from cnnlab.train.distributed import ONE_PROCESS, World
 from cnnlab.train.evaluate import Report
 from cnnlab.train.plots import plot_confusion, plot_curves
 from cnnlab.train.progress import Progress
@@ -151,7 +151,7 @@ def fit(
     run: RunDirectory,
     progress: Progress,
     resume: Checkpoint | None = None,
-    world: World = World(),
+    world: World = ONE_PROCESS,
 ) -> RunResult:
     """Train `config` into `run`; with `resume`, continue from that checkpoint exactly.
 
@@ -268,7 +268,7 @@ def prepare(
     device: torch.device,
     progress: Progress,
     resume: Checkpoint | None,
-    world: World = World(),
+    world: World = ONE_PROCESS,
 ) -> TrainSetup:
     """The model (initialised from the seed, or with `resume`'s weights), its engine, data and generators.
 
@@ -441,7 +441,7 @@ def finish(
     rows: list[dict[str, float]],
     config: TrainConfig,
     device: torch.device,
-    world: World = World(),
+    world: World = ONE_PROCESS,
 ) -> RunResult:
     """Test the best checkpoint and write the run's summary, curves and confusion matrix."""
     best = run.load_checkpoint("best")

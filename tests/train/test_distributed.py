@@ -65,7 +65,7 @@ def torchrun(tmp_path: Path, *args: str, entry: list[str] | None = None, restart
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
         f"--max-restarts={restarts}", *(entry or ["-m", "cnnlab"]), "train", *args,
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=environment)
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=environment, check=False)
 
 
 def rank_entry(tmp_path: Path) -> list[str]:
@@ -99,7 +99,7 @@ def test_two_processes_train_the_weights_one_process_does(tmp_path, engine):
         launched = subprocess.run(
             [sys.executable, "-m", "cnnlab", "train", "--nproc", "2", *RUN, "--engine", engine,
              "--runs-dir", str(tmp_path), "--name", "two"],
-            capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            capture_output=True, text=True, timeout=TIMEOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,
         )  # fmt: skip
     else:
         launched = torchrun(tmp_path, *RUN, "--engine", engine, "--runs-dir", str(tmp_path), "--name", "two")
@@ -153,8 +153,11 @@ def test_ranks_with_different_options_are_refused_by_rank_0_alone(tmp_path):
     marks = tmp_path / "marks"
     assert [(marks / f"status-{rank}-0").read_text() for rank in (0, 1)] == ["2", "2"]
     errors = [line for line in job.stderr.splitlines() if line.startswith("cnnlab")]
-    assert errors == ["cnnlab: error: rank 1's options differ from rank 0's (seed: 1 there, 0 on rank 0): "
-                      "start every rank with the same command and config file"]  # fmt: skip
+    expected = (
+        "cnnlab: error: rank 1's options differ from rank 0's (seed: 1 there, 0 on rank 0): start every rank "
+        "with the same command and config file"
+    )
+    assert errors == [expected]
     assert not (tmp_path / "mismatched").exists()
 
 
@@ -178,19 +181,27 @@ def test_a_run_resumes_only_under_its_world_size(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--nproc", "2", "--resume", str(tmp_path / "single"), "--epochs", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [
+    expected = (
         "cnnlab: error: the run was trained by 1 process(es) and this job has 2: its random streams are per "
         "process, so continue it with 1 (cnnlab train --nproc 1 --resume RUN)"
-    ]
+    )
+    assert err == [expected]
 
 
 @pytest.mark.parametrize("engine", ["autograd", "manual"])
 def test_synchronised_batch_norm_normalises_over_the_global_batch(tmp_path, engine):
-    # ResNet-8's batch norm over the global batch of 64, as one process has it: 3 steps on 179 images.
-    # Each process's own statistics (32 images) would part the weights by far more than 1e-5.
-    args = [*RUN[:3], "--model", "resnet8", "--batch-size", "64", "--lr", "0.02", "--epochs", "1", "--val-fraction", "0.9",
-            "--engine", engine]
-    assert main(["train", *args, "--runs-dir", str(tmp_path), "--name", "one"]) == 0
+    # ResNet-8 at the global batch of 64, 3 steps on 179 images, against one process of one thread
+    # (as each rank has). Training this network magnifies rounding: one process of two threads parts
+    # from it by 1.3e-4 already (docs/distributed.md). Each process's own statistics (32 images) part
+    # the weights by 7.4e-3.
+    args = [*RUN[:3], "--model", "resnet8", "--batch-size", "64", "--lr", "0.02", "--epochs", "1"]
+    args += ["--val-fraction", "0.9", "--engine", engine]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", *args, "--runs-dir", str(tmp_path), "--name", "one"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     job = torchrun(tmp_path, *args, "--sync-bn", "--runs-dir", str(tmp_path), "--name", "two")
     assert job.returncode == 0, job.stderr
-    assert max_difference(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 1e-5
+    assert max_difference(weights(tmp_path / "one"), weights(tmp_path / "two")) <= 5e-4
