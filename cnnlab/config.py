@@ -136,6 +136,10 @@ class TrainConfig:
     # directory, a checkpoint or an exported .safetensors) and keep some layers fixed.
     init_from: str | None = None
     freeze: str | None = None  # comma-separated: "features" and/or layer names ("0,3")
+    # How many processes train the run (torchrun's world size): set by the launch, not chosen
+    # in a config file; recorded so that a resume can refuse another (cnnlab.train.distributed).
+    world_size: int = 1
+    sync_bn: bool = False  # data-parallel: batch-norm statistics over the global batch, not each process's shard
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -175,6 +179,8 @@ class TrainConfig:
             raise CnnlabError(f"unknown engine '{self.engine}': choose one of {', '.join(ENGINES)}")
         if self.device not in ("auto", "cpu", "mps") and not self.device.startswith("cuda"):
             raise CnnlabError(f"unknown device '{self.device}': use auto, cpu, cuda, cuda:N or mps")
+        if self.world_size < 1:
+            raise CnnlabError(f"world_size must be at least 1, got {self.world_size}")
         if not 0 <= self.val_fraction < 1:
             raise CnnlabError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         self._validate_transfer()

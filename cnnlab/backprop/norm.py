@@ -18,6 +18,8 @@ through them (docs/backprop.md) gives
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -32,7 +34,12 @@ class BatchNorm(Layer):
     Buffers running_mean, running_var: (C,) and num_batches_tracked: () int64, absent when
     track_running_stats=False (then batch statistics are used in evaluation too).
     momentum None means a cumulative average: m = 1 / num_batches_tracked.
+    reduce: None, or in a data-parallel job with --sync-bn the sum over the processes of a
+    vector (cnnlab.train.distributed): the batch statistics, and the sums of the backward
+    pass, are then the whole global batch's.
     """
+
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     input_dims: tuple[int, ...] = ()
     input_shapes = ""
@@ -73,11 +80,17 @@ class BatchNorm(Layer):
         dims = (0, *range(2, x.dim()))  # every dimension but the channel's
         per_channel = (1, c) + (1,) * (x.dim() - 2)  # (1, C, 1, 1) in 2-d: broadcasts over N, H, W
         use_batch_stats = self.training or not self.buffers
+        m = x.numel() // c  # values per channel
         if use_batch_stats:
-            m = x.numel() // c
             if m < 2:
                 raise CnnlabError(f"{self} needs more than one value per channel in training, got {tuple(x.shape)}")
-            var, mu = torch.var_mean(x, dim=dims, correction=0)
+            if self.reduce is None:
+                var, mu = torch.var_mean(x, dim=dims, correction=0)
+            else:  # over every process's shard: the mean first, then the squares about it (as var_mean)
+                totals = self.reduce(torch.cat([x.sum(dims), x.new_full((1,), m)]))  # (C + 1,): sums, count
+                m = int(totals[-1].item())
+                mu = totals[:c] / m
+                var = self.reduce(((x - mu.view(per_channel)) ** 2).sum(dims)) / m
             if self.training and self.buffers:
                 self._update_running_stats(mu, var * (m / (m - 1)))
         else:
@@ -88,12 +101,12 @@ class BatchNorm(Layer):
         if self.params:
             # addcmul: beta + gamma * x_hat in one pass over the activations.
             y = torch.addcmul(self.params["bias"].view(per_channel), x_hat, self.params["weight"].view(per_channel))
-        self._save(y.shape, x_hat, inv_std, use_batch_stats, dims, per_channel)
+        self._save(y.shape, x_hat, inv_std, use_batch_stats, dims, per_channel, m)
         return y
 
     def backward(self, dout: torch.Tensor) -> torch.Tensor:
         """dout: (N, C, ...) -> dx of the same shape; fills dgamma, dbeta: (C,)."""
-        x_hat, inv_std, used_batch_stats, dims, per_channel = self._take(dout)
+        x_hat, inv_std, used_batch_stats, dims, per_channel, m = self._take(dout)
         dbeta = dout.sum(dims)
         dgamma = (dout * x_hat).sum(dims)
         if self.params:
@@ -103,7 +116,8 @@ class BatchNorm(Layer):
             scale = inv_std
         if not used_batch_stats:
             return dout * scale.view(per_channel)
-        m = dout.numel() // self.num_features
+        if self.reduce is not None:  # the chain rule through the global batch's mean and variance
+            dbeta, dgamma = self.reduce(torch.cat([dbeta, dgamma])).split(self.num_features)
         dx = dout - (dbeta / m).view(per_channel) - x_hat * (dgamma / m).view(per_channel)
         return dx.mul_(scale.view(per_channel))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from datetime import datetime
@@ -73,6 +74,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--translate", "augment.translate", {"type": float, "help": "augment: max shift, fraction of size"}),
     ("--scale", "augment.scale", {"type": float, "help": "augment: max zoom, fraction"}),
     ("--erase", "augment.erase", {"type": float, "help": "augment: probability of random erasing"}),
+    ("--sync-bn", "sync_bn", {"action": "store_true", "help": "data-parallel (--nproc, torchrun): batch-norm "
+                               "statistics over the whole global batch rather than each process's shard"}),
     ("--strict", "strict_data", {"action": "store_true", "help": "folder: datasets: fail on unreadable images"}),
     # Transfer learning and parameter groups (docs/transfer.md)
     ("--init-from", "init_from", {"metavar": "RUN", "help": "start from the weights of a run directory, checkpoint "
@@ -105,28 +108,36 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     train.add_argument("--json", action="store_true", help="print one JSON object with the results")
     train.set_defaults(handler=_train)
+    _add_launcher(train)
 
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.nproc is not None:
+        return _launch(args)
+    from cnnlab.train.distributed import join
     from cnnlab.train.loop import fit
     from cnnlab.train.progress import Progress
-    from cnnlab.train.rundir import RunDirectory
 
+    world = join()  # one process, or this one's rank in a torchrun job
     progress = Progress(stream=sys.stderr if args.json else sys.stdout)
     if args.resume is not None:
-        run = RunDirectory.open(args.resume)
+        run = world.open_run(args.resume)
         checkpoint = run.resume_checkpoint  # last.pt, or the newest good one if it is damaged
-        result = fit(_resumed_config(args, checkpoint, run_path=run.path), run, progress, resume=checkpoint)
+        config = world.agree(lambda: _resumed_config(args, checkpoint, run_path=run.path))
+        result = fit(config, run, progress, resume=checkpoint, world=world)
     else:
-        resolution = _resolve_new_run(args)
-        config = resolution.config
+        resolution = world.agree(lambda: _resolve_new_run(args))
+        config = dataclasses.replace(resolution.config, world_size=world.size)
         if resolution.recipe_applied or resolution.recipe_overridden:
             progress.message(_recipe_line(resolution))
-        run = RunDirectory.create(Path(config.runs_dir) / (config.name or _run_name(config)), overwrite=args.overwrite)
-        result = fit(config, run, progress)
+        run = world.create_run(Path(config.runs_dir) / (config.name or _run_name(config)), overwrite=args.overwrite)
+        if run.resume_checkpoint is not None:  # torchrun restarted the job after a failure
+            progress.message(f"the job restarted: {run.path} continues from epoch {run.resume_checkpoint.epoch}")
+        result = fit(config, run, progress, resume=run.resume_checkpoint, world=world)
 
-    _write_report(result.run_dir)
+    if world.rank == 0:  # the one that writes the run
+        _write_report(result.run_dir)
     test = result.test.evaluation
     if args.json:
         print_json({"run_dir": str(result.run_dir), "test_accuracy": test.accuracy, "test_loss": test.loss, "epochs": result.rows})
@@ -195,3 +206,49 @@ def _flag_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+# --nproc N: the same command as a torchrun job of N processes on this machine
+# (cnnlab.train.distributed; docs/distributed.md). Each process runs `cnnlab train`
+# without --nproc, so what it trains is what the flags say, as on one process.
+
+
+def _add_launcher(train: argparse.ArgumentParser) -> None:
+    train.add_argument(
+        "--nproc", type=int, metavar="N", help="train data-parallel with N processes on this machine, one per CPU "
+        "core or GPU (runs torchrun; for several machines run torchrun yourself: docs/distributed.md)",
+    )  # fmt: skip
+    train.set_defaults(train_parser=train)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """Refuse what the ranks would refuse before any starts; else run them and return the job's exit status."""
+    from cnnlab.train import distributed
+    from cnnlab.train.loop import resolve_device
+    from cnnlab.train.rundir import RunDirectory
+
+    if args.nproc < 1:
+        raise CnnlabError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.resume is not None:
+        run = RunDirectory.open(args.resume)
+        config = _resumed_config(args, run.resume_checkpoint, run_path=run.path)
+    else:
+        config = dataclasses.replace(_resolve_new_run(args).config, world_size=args.nproc)
+    problem = distributed.launch_problem(config, args.nproc, args.nproc, resolve_device(config.device))
+    if problem is not None:
+        raise CnnlabError(problem)
+    return distributed.launch(args.nproc, _rank_argv(args))
+
+
+def _rank_argv(args: argparse.Namespace) -> list[str]:
+    """The `train ...` arguments given, but --nproc, rebuilt from the parser's own options."""
+    argv = ["train"]
+    for action in args.train_parser._actions:
+        if not action.option_strings or action.dest in ("help", "nproc") or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(action.option_strings[0 if value else 1])
+        elif isinstance(action, argparse._StoreTrueAction):
+            argv += [action.option_strings[0]] if value else []
+        elif value is not None:
+            argv += [action.option_strings[0], str(value)]
+    return argv

@@ -46,8 +46,10 @@ class AutogradEngine:
             self._loss_and_gradient, self._update, slices_for(model, slices), config.optim.grad_clip, penalty
         )
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.step(x, y, lr)
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step(x, y, lr, batch)
 
     def _loss_and_gradient(
         self, _: int, x: torch.Tensor, y: torch.Tensor, batch: int

@@ -53,8 +53,10 @@ class ManualEngine:
         penalty = L1Penalty(config.l1, self.params) if config.l1 else None
         self.step = SlicedStep(self._loss_and_gradient, self._update, count, config.optim.grad_clip, penalty)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.step(x, y, lr)
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.step(x, y, lr, batch)
 
     def _loss_and_gradient(
         self, index: int, x: torch.Tensor, y: torch.Tensor, batch: int

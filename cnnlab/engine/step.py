@@ -29,6 +29,8 @@ from cnnlab.fast.slices import map_slices, slice_count, sliced, sum_in_order
 # its logits (n, K), the share's gradient (P,)), all detached
 LossAndGradient = Callable[[int, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 Update = Callable[[torch.Tensor, float], None]  # (gradient (P,), learning rate) -> parameters updated in place
+# (gradient (P,), loss ()) of this process's shard -> their sums over a data-parallel job's processes
+Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Engine(Protocol):
@@ -37,10 +39,13 @@ class Engine(Protocol):
     sizes: list[int]  # and their sizes: gradient.split(sizes) gives each parameter's
     step: SlicedStep
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step on a batch at learning rate `lr`.
 
         x: (N, C, H, W) float32, normalized; y: (N,) int64.
+        batch: in a data-parallel job, the size of the global batch x is a shard of (SlicedStep).
         Returns (loss, logits): a 0-dim float tensor (mean over the batch) and (N, K) logits,
         both detached.
         """
@@ -72,21 +77,30 @@ class SlicedStep:
     ) -> None:  # fmt: skip
         self.loss_and_gradient, self.update = loss_and_gradient, update
         self.slices, self.grad_clip, self.penalty = slices, grad_clip, penalty
+        self.reduce: Reduce | None = None  # set in a data-parallel job (cnnlab.train.distributed)
         # Called with each step's gradient (P,) before clipping, while set: training diagnostics
         # (cnnlab.train.diagnostics) read the engine's own gradients through it.
         self.observe: Callable[[torch.Tensor], None] | None = None
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (N, C, H, W) float32, normalized; y: (N,) int64 -> (mean loss (), logits (N, K))."""
-        batch = len(x)
-        with sliced(batch, self.slices) as count:
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (n, C, H, W) float32, normalized; y: (n,) int64 -> (mean loss (), logits (n, K)).
+
+        batch: the size of the global batch x is this process's shard of, in a data-parallel
+        job (`reduce` then sums the shards'); None when x is the whole batch.
+        """
+        batch = len(x) if batch is None else batch
+        with sliced(len(x), self.slices) as count:
             parts = map_slices(lambda i, xs, ys: self.loss_and_gradient(i, xs, ys, batch), x, y, count)
             losses, logits, gradients = zip(*parts)
             # One flat vector: summing the slices', the norm and the clipping are one operation
             # each instead of one per parameter tensor.
-            gradient = sum_in_order(gradients)  # (P,)
-            loss = sum_in_order(losses)
-            if self.penalty is not None:  # once per batch, not per slice: it does not depend on the images
+            gradient, loss = sum_in_order(gradients), sum_in_order(losses)  # (P,), ()
+            if self.reduce is not None:
+                gradient, loss = self.reduce(gradient, loss)
+            # After the reduction: once per global batch, not per slice or process (it does not depend on the images).
+            if self.penalty is not None:
                 loss = loss + self.penalty.forward().to(loss.dtype)
                 gradient += self.penalty.gradient()
             if self.observe is not None:

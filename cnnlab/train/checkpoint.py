@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any

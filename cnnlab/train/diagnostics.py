@@ -52,8 +52,13 @@ class Diagnostics:
         self.engine, self.engine_name = engine, engine_name
         self.measured: dict | None = None  # the last measured step's figures, until `save` writes them
 
-    def measured_step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """engine.train_step(x, y, lr), measured; x: (N, C, H, W) float32, normalized; y: (N,) int64."""
+    def measured_step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float, batch: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """engine.train_step(x, y, lr, batch), measured; x: (N, C, H, W) float32, normalized; y: (N,) int64.
+
+        In a data-parallel job x is this process's shard, and the activations are its own.
+        """
         model, engine = self.engine.model, self.engine
         activations = activation_statistics(model, x)
         before = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -65,7 +70,7 @@ class Diagnostics:
 
         engine.step.observe = observe
         try:
-            loss, logits = engine.train_step(x, y, lr)
+            loss, logits = engine.train_step(x, y, lr, batch)
         finally:
             engine.step.observe = None
         self.measured = {

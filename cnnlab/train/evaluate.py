@@ -80,7 +80,12 @@ class Report:
         }
 
 
+    @classmethod
+    def of(cls, evaluation: Evaluation, data: ImageDataset) -> Report:
+        """The report of `evaluation`, made on `data`."""
+        confusion = confusion_matrix(data.labels.cpu(), evaluation.predictions, len(data.classes))
+        return cls(evaluation, confusion, per_class_report(confusion, data.classes))
+
+
 def report(model: nn.Module, data: ImageDataset, normalization: Normalization) -> Report:
-    evaluation = evaluate(model, data, normalization)
-    confusion = confusion_matrix(data.labels.cpu(), evaluation.predictions, len(data.classes))
-    return Report(evaluation, confusion, per_class_report(confusion, data.classes))
+    return Report.of(evaluate(model, data, normalization), data)

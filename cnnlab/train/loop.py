@@ -39,7 +39,8 @@ from cnnlab.train.checkpoint import Checkpoint
 from cnnlab.train.diagnostics import Diagnostics
 from cnnlab.engine import make_engine
 from cnnlab.engine.step import Engine
-from cnnlab.train.evaluate import Report, evaluate, report
+from cnnlab.train.distributed import ONE_PROCESS, World
+from cnnlab.train.evaluate import Report
 from cnnlab.train.plots import plot_confusion, plot_curves
 from cnnlab.train.progress import Progress
 from cnnlab.train.rundir import RunDirectory, code_version
@@ -70,6 +71,7 @@ class TrainSetup:
     average: WeightAverage | None  # with --ema: the weights validated, saved and tested
     progress: Progress
     diagnostics: Diagnostics  # measures each epoch's first step
+    world: World  # this process's place in a data-parallel job; World() on one process
 
     @property
     def evaluated(self) -> nn.Module:
@@ -153,16 +155,24 @@ class StopRequests:
             raise KeyboardInterrupt
 
 
-def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Checkpoint | None = None) -> RunResult:
+def fit(
+    config: TrainConfig,
+    run: RunDirectory,
+    progress: Progress,
+    resume: Checkpoint | None = None,
+    world: World = ONE_PROCESS,
+) -> RunResult:
     """Train `config` into `run`; with `resume`, continue from that checkpoint exactly.
+
+    world: this process's rank in a data-parallel job (cnnlab.train.distributed), one process by default.
 
     Raises `Interrupted` when SIGINT or SIGTERM stops it (see the module's docstring).
     """
     if resume is not None:
-        check_resumable(config, resume, run)
+        world.agree(lambda: check_resumable(config, resume, run))
     with StopRequests() as stop:
         try:
-            return _fit(config, run, progress, resume, stop)
+            return _fit(config, run, progress, resume, stop, world)
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
                 raise
@@ -207,15 +217,22 @@ def _stopped_message(run: RunDirectory, config: TrainConfig, saved: int, *, at_o
 
 
 def _fit(
-    config: TrainConfig, run: RunDirectory, progress: Progress, resume: Checkpoint | None, stop: StopRequests
+    config: TrainConfig,
+    run: RunDirectory,
+    progress: Progress,
+    resume: Checkpoint | None,
+    stop: StopRequests,
+    world: World,
 ) -> RunResult:
     stop.saved = resume.epoch if resume is not None else 0  # the last epoch whose checkpoint is on disk
-    device = resolve_device(config.device)
+    device = world.agree(lambda: resolve_device(config.device))
+    world.check(config, device)
+    device = world.device(device)
     torch.manual_seed(config.seed)
-    splits = load_splits(
+    splits = world.agree(lambda: load_splits(
         config.dataset, _path_or_none(config.data_dir), config.val_fraction, config.seed, strict=config.strict_data
-    )
-    setup = prepare(config, splits=splits, device=device, progress=progress, resume=resume)
+    ))  # fmt: skip
+    setup = world.agree(lambda: prepare(config, splits=splits, device=device, progress=progress, resume=resume, world=world))
     state = restore(setup, resume=resume, run=run) if resume is not None else RunState()
     run.prepare()
     # Rewritten on resume too: --epochs may have grown, and config.yaml must describe the whole run.
@@ -230,8 +247,8 @@ def _fit(
             break
         # Between epochs: the one point a run can stop at and resume from exactly. A stop asked
         # for during the last epoch lets the run finish instead, as only its test would remain.
-        if stop.signum is not None:
-            raise Interrupted(stop.signum, _stopped_message(run, config, stop.saved, at_once=False))
+        if world.any(stop.signum is not None):
+            raise Interrupted(stop.signum or signal.SIGTERM, _stopped_message(run, config, stop.saved, at_once=False))
         row = run_epoch(setup, state, epoch=epoch, val_data=val_data)
         try:
             save_epoch(run, setup, state, row=row, splits=splits, has_val=len(val_data) > 0)
@@ -252,6 +269,7 @@ def _fit(
         config=config,
         device=device,
         stopped=stop_record(config, state),
+        world=world,
     )
 
 
@@ -282,7 +300,13 @@ def stop_record(config: TrainConfig, state: RunState) -> dict:
 
 
 def prepare(
-    config: TrainConfig, *, splits: DatasetSplits, device: torch.device, progress: Progress, resume: Checkpoint | None
+    config: TrainConfig,
+    *,
+    splits: DatasetSplits,
+    device: torch.device,
+    progress: Progress,
+    resume: Checkpoint | None,
+    world: World = ONE_PROCESS,
 ) -> TrainSetup:
     """The model (initialised from the seed, --init-from's weights or `resume`'s), its engine, data and generators.
 
@@ -294,6 +318,7 @@ def prepare(
     data = splits.train.to(device)
     shuffle = torch.Generator().manual_seed(config.seed)
     augmenter = make_augmenter(config, device)
+    world.seed_ranks(config.seed, augmenter)
     if resume is not None:
         saved = resume.build_model()  # checks that the weights fit the model
         model.load_state_dict(saved.state_dict() if resume.training_state is None else resume.training_state)
@@ -301,6 +326,7 @@ def prepare(
     if transferred := transfer(model, config, splits.classes, resumed=resume is not None):
         progress.message(transferred)
     engine = make_engine(model.to(device), config)
+    world.attach(engine, sync_bn=config.sync_bn)
     steps_per_epoch = -(-len(data) // config.batch_size)
     return TrainSetup(
         config=config,
@@ -314,6 +340,7 @@ def prepare(
         average=_weight_average(model, config, resume),
         progress=progress,
         diagnostics=Diagnostics(engine, config.engine),
+        world=world,
     )
 
 
@@ -330,10 +357,11 @@ def _weight_average(model: nn.Module, config: TrainConfig, resume: Checkpoint | 
 def restore(setup: TrainSetup, *, resume: Checkpoint, run: RunDirectory) -> RunState:
     """Put the optimizer and every random stream back where `resume` left them; the run's state at that point."""
     setup.engine.load_optimizer_state(resume.optimizer_state)
-    torch.set_rng_state(resume.rng["torch"])
-    setup.shuffle.set_state(resume.rng["shuffle"])
+    rng = setup.world.own_rng(resume.rng)
+    torch.set_rng_state(rng["torch"])
+    setup.shuffle.set_state(rng["shuffle"])
     if setup.augmenter is not None:
-        setup.augmenter.load_state_dict({"generator": resume.rng["augment"]})
+        setup.augmenter.load_state_dict({"generator": rng["augment"]})
     rows = [r for r in run.read_metrics() if r["epoch"] <= resume.epoch]
     best_accuracy = max((r["val_accuracy"] for r in rows), default=-1.0)
     metrics = resume.metrics or {}
@@ -354,7 +382,8 @@ def run_epoch(setup: TrainSetup, state: RunState, *, epoch: int, val_data: Image
     train_loss, train_accuracy, state.step = train_one_epoch(setup, order, step=state.step)
     seconds = time.perf_counter() - started
     state.epoch = epoch
-    val = evaluate(setup.evaluated, val_data, setup.normalization)
+    setup.world.agree_buffers(setup.engine.model, setup.evaluated)
+    val = setup.world.evaluate(setup.evaluated, val_data, setup.normalization)
     row = {
         "epoch": epoch,
         "lr": learning_rate(config.optim, max(state.step - 1, 0), setup.steps_per_epoch, setup.total_steps),
@@ -416,11 +445,11 @@ def make_checkpoint(setup: TrainSetup, *, splits: DatasetSplits, state: RunState
         epoch=state.epoch,
         step=state.step,
         optimizer_state=setup.engine.optimizer_state(),
-        rng={
+        rng=setup.world.gather_rng({
             "torch": torch.get_rng_state(),
             "shuffle": setup.shuffle.get_state(),
             **({"augment": setup.augmenter.state_dict()["generator"]} if setup.augmenter is not None else {}),
-        },
+        }),
         config=config.to_dict(),
         metrics={
             **row,
@@ -441,7 +470,8 @@ def train_one_epoch(setup: TrainSetup, order: torch.Tensor, *, step: int) -> tup
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.images.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.images.device)
     for start in range(0, len(data), config.batch_size):
-        index = order[start : start + config.batch_size]
+        batch = order[start : start + config.batch_size]
+        index = setup.world.shard(batch)  # this process's rows of the batch: all of them on one
         # index_select, not labels[index]: the same rows, several times faster on a CPU.
         labels = data.labels.index_select(0, index)  # (B,) int64
         x = setup.normalization.apply(data.images, index)  # (B, C, H, W) float32
@@ -450,18 +480,18 @@ def train_one_epoch(setup: TrainSetup, order: torch.Tensor, *, step: int) -> tup
         lr = learning_rate(config.optim, step, setup.steps_per_epoch, setup.total_steps)
         # The epoch's first step is measured too (gradients, update sizes, activations): diagnostics.py.
         train_step = setup.diagnostics.measured_step if start == 0 else setup.engine.train_step
-        loss, logits = train_step(x, labels, lr)
+        loss, logits = train_step(x, labels, lr, batch=len(batch))
         if not torch.isfinite(loss):
-            raise CnnlabError(
+            setup.world.refuse(  # the loss is the whole batch's, so every rank stops here
                 f"the loss became {loss.item()} at step {step}: training diverged; lower --lr or set --grad-clip"
             )
         if average is not None:
             average.update()
-        loss_sum += loss.to(torch.float64) * len(labels)
+        loss_sum += loss.to(torch.float64) * len(batch)
         correct += (logits.argmax(dim=1) == labels).sum()
         step += 1
         setup.progress.batch_done(loss.item() if setup.progress.bar else None)
-    return loss_sum.item() / len(data), correct.item() / len(data), step
+    return loss_sum.item() / len(data), setup.world.total(correct).item() / len(data), step
 
 
 def finish(
@@ -474,6 +504,7 @@ def finish(
     config: TrainConfig,
     device: torch.device,
     stopped: dict,
+    world: World = ONE_PROCESS,
 ) -> RunResult:
     """Test the best checkpoint and write the run's summary, curves and confusion matrix.
 
@@ -481,10 +512,11 @@ def finish(
     """
     best = run.load_checkpoint("best")
     model = best.build_model().to(device)
-    test = report(model, test_data, normalization)
+    test = Report.of(world.evaluate(model, test_data, normalization), test_data)
     run.write_text("confusion_matrix.csv", _confusion_csv(test, splits.classes))
-    plot_confusion(test.confusion, splits.classes, run.file("confusion_matrix.png"))
-    plot_curves(rows, run.file("curves.png"))
+    if run.writes:
+        plot_confusion(test.confusion, splits.classes, run.file("confusion_matrix.png"))
+        plot_curves(rows, run.file("curves.png"))
     summary = _summary(test, best_epoch=best.epoch, rows=rows, config=config, classes=splits.classes, device=device)
     summary["stopped"] = stopped
     run.write_json("summary.json", summary)
@@ -506,6 +538,7 @@ def _summary(
         "test_loss": test.evaluation.loss,
         "best_epoch": best_epoch,
         "epochs": config.epochs,
+        "world_size": config.world_size,
         "train_seconds": sum(r["seconds"] for r in rows),
         "test": test.to_dict(),
         "classes": list(classes),

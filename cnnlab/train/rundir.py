@@ -40,6 +40,8 @@ OPTIONAL_COLUMNS = ("l1_penalty",)  # written when the rows have them (--l1)
 
 
 class RunDirectory:
+    writes = True  # False on the ranks of a data-parallel job other than 0 (cnnlab.train.distributed)
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"

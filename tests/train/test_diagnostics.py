@@ -97,7 +97,7 @@ def test_a_measured_epoch_trains_exactly_as_an_unmeasured_one(monkeypatch):
     results = []
     for measured in (True, False):
         if not measured:
-            monkeypatch.setattr(Diagnostics, "measured_step", lambda self, x, y, lr: self.engine.train_step(x, y, lr))
+            monkeypatch.setattr(Diagnostics, "measured_step", lambda self, x, y, lr, batch=None: self.engine.train_step(x, y, lr, batch))
         torch.manual_seed(config.seed)
         setup = prepare(config, splits=splits, device=torch.device("cpu"), progress=Progress(quiet=True), resume=None)
         order = torch.randperm(len(setup.data), generator=setup.shuffle)
