@@ -14,14 +14,14 @@ import warnings
 from typing import Sequence
 
 from cnnlab import __version__
-from cnnlab.cli import shipping, tools, train
+from cnnlab.cli import compress, shipping, tools, train
 from cnnlab.cli.common import Parser
 from cnnlab.errors import CnnlabError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-COMMAND_GROUPS = (train, tools, shipping)
+COMMAND_GROUPS = (train, tools, shipping, compress)
 
 
 def build_parser() -> Parser:

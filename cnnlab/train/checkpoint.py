@@ -34,6 +34,7 @@ from cnnlab.atomicfile import atomic_copy, atomic_write_bytes, atomic_write_text
 from cnnlab.data.dataset import Normalization
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
+from cnnlab.models.widths import with_widths
 
 FORMAT_VERSION = 1
 _FORMAT_KEY = "cnnlab_checkpoint"
@@ -41,7 +42,8 @@ _FORMAT_KEY = "cnnlab_checkpoint"
 
 @dataclass
 class Checkpoint:
-    """model: {"name", "in_shape", "num_classes"}; the other fields as saved by `save_checkpoint`.
+    """model: {"name", "in_shape", "num_classes"}, and "widths" for a narrowed model (cnnlab.models.widths);
+    the other fields as saved by `save_checkpoint`.
 
     model_state: the weights to use; training_state: the weights to resume training from,
     None where they are model_state.
@@ -67,6 +69,8 @@ class Checkpoint:
     def build_model(self) -> nn.Module:
         """The model with the checkpoint's weights, on the CPU, in eval mode."""
         model = create_model(self.model["name"], self.in_shape, self.model["num_classes"])
+        if self.model.get("widths") is not None:  # channel-pruned: fewer channels and units than registered
+            model = with_widths(model, self.model["widths"])
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in self.model_state.items()}
         if expected != found:
@@ -201,6 +205,9 @@ def _check_fields(payload: dict) -> None:
             and isinstance(model.get("in_shape"), (list, tuple)) and len(model["in_shape"]) == 3
             and all(type(v) is int for v in model["in_shape"])):  # noqa: E721  # fmt: skip
         raise TypeError("model must name a model, its input shape and its class count")
+    widths = model.get("widths")
+    if widths is not None and not (isinstance(widths, (list, tuple)) and all(type(w) is int for w in widths)):  # noqa: E721
+        raise TypeError("model widths must be a list of whole numbers")
     state = payload["model_state"]
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise TypeError("model_state must map names to tensors")

@@ -14,6 +14,7 @@ run resumes exactly); a second one stops at once, keeping the files already save
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shlex
 import signal
@@ -21,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -85,8 +86,12 @@ class RunState:
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
-    test: Report
+    test: Report | None  # None for a run made with test=False
     rows: list[dict[str, float]]
+
+
+# Called with each epoch's metrics row once that epoch is saved; raising stops the run there.
+EpochCallback = Callable[[dict[str, float]], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,16 +149,27 @@ class StopRequests:
             raise KeyboardInterrupt
 
 
-def fit(config: TrainConfig, run: RunDirectory, progress: Progress, resume: Checkpoint | None = None) -> RunResult:
+def fit(
+    config: TrainConfig,
+    run: RunDirectory,
+    progress: Progress,
+    resume: Checkpoint | None = None,
+    *,
+    on_epoch: EpochCallback | None = None,
+    test: bool = True,
+) -> RunResult:
     """Train `config` into `run`; with `resume`, continue from that checkpoint exactly.
 
+    on_epoch: called after each epoch is saved (a hyper-parameter search reports and
+    prunes there). test=False: the test split is dropped as soon as the data is loaded,
+    and the run ends after its last epoch, untested (a search chooses on validation only).
     Raises `Interrupted` when SIGINT or SIGTERM stops it (see the module's docstring).
     """
     if resume is not None:
         check_resumable(config, resume, run)
     with StopRequests() as stop:
         try:
-            return _fit(config, run, progress, resume, stop)
+            return _fit(config, run, progress, resume, stop, on_epoch, test)
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
                 raise
@@ -198,7 +214,13 @@ def _stopped_message(run: RunDirectory, config: TrainConfig, saved: int, *, at_o
 
 
 def _fit(
-    config: TrainConfig, run: RunDirectory, progress: Progress, resume: Checkpoint | None, stop: StopRequests
+    config: TrainConfig,
+    run: RunDirectory,
+    progress: Progress,
+    resume: Checkpoint | None,
+    stop: StopRequests,
+    on_epoch: EpochCallback | None,
+    test: bool,
 ) -> RunResult:
     stop.saved = resume.epoch if resume is not None else 0  # the last epoch whose checkpoint is on disk
     device = resolve_device(config.device)
@@ -206,6 +228,8 @@ def _fit(
     splits = load_splits(
         config.dataset, _path_or_none(config.data_dir), config.val_fraction, config.seed, strict=config.strict_data
     )
+    if not test:
+        splits = dataclasses.replace(splits, test=_withheld(splits.test))
     setup = prepare(config, splits=splits, device=device, progress=progress, resume=resume)
     state = restore(setup, resume=resume, run=run) if resume is not None else RunState()
     run.prepare()
@@ -232,6 +256,11 @@ def _fit(
             ) from None
         stop.saved = epoch
         progress.end_epoch(row, config.epochs)
+        if on_epoch is not None:
+            on_epoch(row)
+    if not test:
+        plot_curves(state.rows, run.file("curves.png"))
+        return RunResult(run.path, None, state.rows)
     return finish(
         run,
         splits=splits,
@@ -465,6 +494,11 @@ def make_augmenter(config: TrainConfig, device: torch.device):
     from cnnlab.data.augment import BatchAugmenter
 
     return BatchAugmenter(config.augment, config.seed, device)
+
+
+def _withheld(test: ImageDataset) -> ImageDataset:
+    """An empty split in place of `test`, so that nothing in an untested run can read its images."""
+    return test.subset(torch.empty(0, dtype=torch.int64))
 
 
 def _path_or_none(value: str | None) -> Path | None:

@@ -1,0 +1,67 @@
+"""tune, prune and quantize: search for a better configuration, and make a trained model smaller and faster."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from cnnlab.cli.common import needs_extra, print_json
+from cnnlab.cli.train import TRAIN_FLAGS, _flag_options
+from cnnlab.config import load_yaml_config
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """tune, prune and quantize."""
+    tune = commands.add_parser(
+        "tune",
+        help="search hyper-parameters with Optuna, choosing on validation accuracy",
+        description="Search train options with Optuna. Train flags given here (and --config) are fixed for every "
+        "trial; the space file says what varies. Each trial is a run under RUNS/STUDY/; the best one alone is "
+        "tested, and its config written to RUNS/STUDY/best.yaml for `cnnlab train --config`. Running the same "
+        "command again continues the study.",
+    )
+    tune.add_argument("--trials", type=int, default=20, help="finished trials the study should hold; default 20")
+    tune.add_argument("--sampler", default="tpe", help="tpe (default), random or grid")
+    tune.add_argument("--pruner", default="median", help="median (default), halving (successive halving) or none")
+    tune.add_argument("--space", type=Path, help="YAML search space (see docs/compression.md); default: the model's")
+    tune.add_argument("--study", help="study name; default MODEL-DATASET")
+    tune.add_argument("--storage", help="Optuna storage URL; default sqlite:///RUNS/STUDY/study.db")
+    tune.add_argument("--jobs", type=int, default=1, help="worker processes sharing the study; default 1")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
+    tune.add_argument("--config", type=Path, help="YAML file of fixed train options; flags override it")
+    for flag, dest, options in TRAIN_FLAGS:
+        if dest != "name":
+            tune.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **options)
+    tune.add_argument("--no-recipe", action="store_true", help="start from the plain defaults, not the tuned recipe")
+    tune.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    tune.set_defaults(handler=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    with needs_extra("tune", "tune"):
+        from cnnlab.config import resolve_config
+        from cnnlab.tools.space import default_space, load_space
+        from cnnlab.tools.tune import TuneSettings, summary_table, tune
+        from cnnlab.train.progress import Progress
+
+        fixed = (load_yaml_config(args.config) if args.config else {}, _flag_options(args))
+        model = resolve_config(*fixed, origin=str(args.config or "tune options"), recipe=not args.no_recipe).model
+        space = load_space(args.space) if args.space else default_space(model)
+        settings = TuneSettings(
+            fixed=fixed, space=tuple(space), trials=args.trials, sampler=args.sampler, pruner=args.pruner,
+            study=args.study, storage=args.storage, jobs=args.jobs, timeout=args.timeout, recipe=not args.no_recipe,
+        )  # fmt: skip
+        result = tune(settings, Progress(stream=sys.stderr if args.json else sys.stdout, bar=False))
+    summary = result.summary
+    if args.json:
+        print_json({"study_dir": str(result.study_dir), "best_config": str(result.best_config), **summary})
+        return 0
+    best = summary["best"]
+    print(summary_table(summary))
+    print(f"{summary['finished_trials']} trials finished, {summary['pruned_trials']} pruned "
+          f"({100 * summary['pruned_share']:.0f}%), {summary['wall_seconds_this_run']:.0f} s in this run")  # fmt: skip
+    print(f"best: trial {best['number']}, validation accuracy {100 * best['val_accuracy']:.2f}%, "
+          f"test accuracy {100 * best['test_accuracy']:.2f}% ({best['run_dir']})")  # fmt: skip
+    print(f"its config: {result.best_config} (cnnlab train --config {result.best_config}); plots in {result.study_dir}")
+    return 0
