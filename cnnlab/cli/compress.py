@@ -37,6 +37,25 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     tune.add_argument("--json", action="store_true", help="print one JSON object with the results")
     tune.set_defaults(handler=_tune)
 
+    prune = commands.add_parser(
+        "prune",
+        help="prune a trained run (weights or whole channels), fine-tuning between steps, into a new run",
+        description="Prune RUN's best model in --steps steps with fine-tuning after each, into a new run that "
+        "evaluate, predict, export and serve take; print parameters, non-zeros, ONNX size, test accuracy and "
+        "latency (PyTorch, ONNX Runtime; batch 1 and 256) before and after.",
+    )
+    prune.add_argument("run", type=Path, metavar="RUN", help="a run directory (its best checkpoint) or a .pt file")
+    prune.add_argument("--amount", type=float, required=True, help="share removed, in (0, 1): 0.8 removes 80%%")
+    prune.add_argument("--method", default="global-magnitude",
+                       help="global-magnitude (default: zero the smallest weights) or channels (a smaller model)")  # fmt: skip
+    prune.add_argument("--steps", type=int, default=3, help="prune-then-fine-tune rounds; default 3")
+    prune.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs after each step; default 2")
+    prune.add_argument("--lr", type=float, default=0.01, help="fine-tuning's peak learning rate; default 0.01")
+    prune.add_argument("--out", type=Path, help="the new run's directory; default RUN-METHOD-PERCENT beside RUN")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing run at --out")
+    prune.add_argument("--json", action="store_true", help="print one JSON object with the figures")
+    prune.set_defaults(handler=_prune)
+
 
 def _tune(args: argparse.Namespace) -> int:
     with needs_extra("tune", "tune"):
@@ -64,4 +83,20 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"best: trial {best['number']}, validation accuracy {100 * best['val_accuracy']:.2f}%, "
           f"test accuracy {100 * best['test_accuracy']:.2f}% ({best['run_dir']})")  # fmt: skip
     print(f"its config: {result.best_config} (cnnlab train --config {result.best_config}); plots in {result.study_dir}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    with needs_extra("prune", "export"):
+        from cnnlab.tools.compare import table
+        from cnnlab.tools.prune import PruneSettings, prune_run
+
+        settings = PruneSettings(amount=args.amount, method=args.method, steps=args.steps,
+                                 finetune_epochs=args.finetune_epochs, lr=args.lr)  # fmt: skip
+        run, figures = prune_run(args.run, settings, args.out, args.overwrite)
+    if args.json:
+        print_json({"run_dir": str(run.path), **figures})
+        return 0
+    print(table(figures))
+    print(f"pruned run saved in {run.path} (figures in prune.json)")
     return 0
