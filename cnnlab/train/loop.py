@@ -229,7 +229,7 @@ def _fit(
         config.dataset, _path_or_none(config.data_dir), config.val_fraction, config.seed, strict=config.strict_data
     )
     if not test:
-        splits = dataclasses.replace(splits, test=_withheld(splits.test))
+        splits = dataclasses.replace(splits, test=_withheld(splits))
     setup = prepare(config, splits=splits, device=device, progress=progress, resume=resume)
     state = restore(setup, resume=resume, run=run) if resume is not None else RunState()
     run.prepare()
@@ -496,9 +496,9 @@ def make_augmenter(config: TrainConfig, device: torch.device):
     return BatchAugmenter(config.augment, config.seed, device)
 
 
-def _withheld(test: ImageDataset) -> ImageDataset:
-    """An empty split in place of `test`, so that nothing in an untested run can read its images."""
-    return test.subset(torch.empty(0, dtype=torch.int64))
+def _withheld(splits: DatasetSplits) -> ImageDataset:
+    """An empty split in place of the test split (made without touching it), so that nothing in an untested run reads it."""
+    return splits.train.subset(torch.empty(0, dtype=torch.int64))
 
 
 def _path_or_none(value: str | None) -> Path | None:
