@@ -163,6 +163,7 @@ def _search(settings: TuneSettings, name: str, storage_url: str, study_dir: Path
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # cnnlab prints its own line per trial
     study = optuna.load_study(study_name=name, storage=open_storage(storage_url), pruner=_pruner(settings.pruner))
     # Seeded by worker and by the study's size, so that workers, and a search continued, draw afresh.
     study.sampler = _sampler(settings, seed=worker + 1000 * len(study.trials))
