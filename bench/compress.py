@@ -27,13 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import bench_parser, default_dataset, results_path, write_results  # noqa: E402
+from harness import bench_parser, default_dataset, results_path, write_results
 
 
 def cnnlab(*arguments: str) -> dict:
     """Run `python -m cnnlab ARGUMENTS --json`; its JSON answer, with the wall seconds it took."""
     started = time.perf_counter()
-    finished = subprocess.run([sys.executable, "-m", "cnnlab", *arguments, "--json"], capture_output=True, text=True)
+    command = [sys.executable, "-m", "cnnlab", *arguments, "--json"]
+    finished = subprocess.run(command, capture_output=True, text=True, check=False)
     if finished.returncode != 0:
         sys.exit(f"cnnlab {' '.join(arguments)} failed:\n{finished.stderr[-3000:]}")
     return {**json.loads(finished.stdout), "wall_seconds": time.perf_counter() - started}

@@ -117,9 +117,9 @@ def _prune(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     with needs_extra("quantize", "export"):
-        from cnnlab.tools.quantize import load_source, quantize
+        from cnnlab.tools.quantize import quantize
 
-        figures = quantize(load_source(args.model, args.data_dir, args.out), args.calibration_images)
+        figures = quantize(args.model, args.data_dir, args.out, args.calibration_images)
     if args.json:
         print_json(figures)
         return 0
@@ -129,7 +129,7 @@ def _quantize(args: argparse.Namespace) -> int:
     for batch, speed in figures["speedup"].items():
         print(f"{f'latency batch {batch}':<22} {figures['fp32_ms'][batch]:8.3f}ms {figures['int8_ms'][batch]:8.3f}ms  x{speed:.2f}")
     print(f"top-1 agreement {100 * figures['top1_agreement']:.2f}%, max |logit diff| {figures['max_abs_logit_diff']:.3f}")
-    features = ", ".join(figures["cpu_int8_features"]) or "none of " + ", ".join(("amx_int8", "avx512_vnni"))
+    features = ", ".join(figures["cpu_int8_features"]) or "none that ONNX Runtime's int8 kernels use"
     print(f"ONNX Runtime {figures['onnxruntime']}, {figures['execution_provider']}; this CPU's int8 features: {features}")
     print(f"int8 model: {figures['model']} (figures in {figures['model']}.json)")
     return 0

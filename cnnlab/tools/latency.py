@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ def torch_latency(model: nn.Module, in_shape: tuple[int, int, int]) -> dict[int,
     with torch.inference_mode():
         for batch in BATCHES:
             x = torch.randn(batch, *in_shape)
-            figures[batch] = median_ms(lambda: forward(x), REPEATS[batch])
+            figures[batch] = median_ms(lambda x=x: forward(x), REPEATS[batch])
     return figures
 
 
@@ -58,5 +58,5 @@ def onnx_latency(session, in_shape: tuple[int, int, int]) -> dict[int, float]:
     figures = {}
     for batch in BATCHES:
         x = torch.randn(batch, *in_shape).numpy()
-        figures[batch] = median_ms(lambda: session.run(None, {name: x}), REPEATS[batch])
+        figures[batch] = median_ms(lambda x=x: session.run(None, {name: x}), REPEATS[batch])
     return figures

@@ -65,12 +65,16 @@ def load_source(path: Path, data_dir: Path | None, out: Path | None) -> Source:
                   out or run_dir / "export" / "model.int8.onnx")  # fmt: skip
 
 
-def quantize(source: Source, calibration_images: int = 512, seed: int = 0) -> dict[str, Any]:
-    """Write `source.out` (int8) and `source.out`.json; the figures: accuracy, logit agreement, latency, CPU."""
+def quantize(
+    path: Path, data_dir: Path | None = None, out: Path | None = None, calibration_images: int = 512, seed: int = 0
+) -> dict[str, Any]:
+    """Quantize the model at `path` (see `load_source`) into `out`, with the figures in `out`.json:
+    accuracy, logit agreement, latency, the CPU's int8 features."""
     import onnxruntime
 
     if calibration_images < 1:
         raise CnnlabError(f"--calibration-images must be at least 1, got {calibration_images}")
+    source = load_source(path, data_dir, out)
     info = source.info
     train, test = get_source(info.dataset).load(source.data_dir)
     if train.image_shape != info.in_shape:

@@ -81,8 +81,11 @@ DEFAULT_SPACES: dict[str, dict[str, dict[str, Any]]] = {
     "simple_cnn": _GENERAL,
     "cifar_cnn": {**_GENERAL, "augment.crop_padding": {"choices": [0, 2, 4]}},
     # Batch normalization takes larger rates; deep nets want more decay.
-    "resnet8": {**_GENERAL, "optim.lr": {"low": 0.02, "high": 0.8, "log": True},
-                "optim.weight_decay": {"low": 1e-4, "high": 3e-3, "log": True}},  # fmt: skip
+    "resnet8": {
+        **_GENERAL,
+        "optim.lr": {"low": 0.02, "high": 0.8, "log": True},
+        "optim.weight_decay": {"low": 1e-4, "high": 3e-3, "log": True},
+    },
 }
 
 
@@ -107,9 +110,8 @@ def _param(name: str, spec: Any, origin: str) -> Param:
         raise CnnlabError(f"{where} must be a mapping such as {{low: 0.01, high: 0.3}} or {{choices: [64, 128]}}, got {spec!r}")
     if "choices" in spec:
         choices = spec["choices"]
-        if set(spec) != {"choices"} or not isinstance(choices, list) or not choices or not all(
-            isinstance(c, (str, int, float, bool)) for c in choices
-        ):
+        plain = isinstance(choices, list) and all(isinstance(c, (str, int, float, bool)) for c in choices)
+        if set(spec) != {"choices"} or not choices or not plain:
             raise CnnlabError(f"{where}: choices must be the only key, a non-empty list of plain values")
         return Param(name, choices=tuple(choices))
     unknown = sorted(set(spec) - _RANGE_KEYS)
@@ -123,7 +125,7 @@ def _param(name: str, spec: Any, origin: str) -> Param:
         raise CnnlabError(f"{where}: needs low < high, log true or false (log only with low > 0), step > 0")
     if log and step is not None:
         raise CnnlabError(f"{where}: a log range cannot have a step")
-    if type(points) is not int or points < 2:  # noqa: E721
+    if type(points) is not int or points < 2:
         raise CnnlabError(f"{where}: points must be a whole number >= 2")
     return Param(name, low=low, high=high, log=log, step=step, points=points)
 

@@ -269,7 +269,6 @@ def final_test(run: RunDirectory, config: TrainConfig) -> float:
 
 
 def _summarize(study, settings: TuneSettings, wall: float) -> dict[str, Any]:
-    from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     rows = [{"number": t.number, "state": t.state.name.lower(), "val_accuracy": t.value if t.value is not None else

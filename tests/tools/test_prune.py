@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-import cnnlab.tools.latency as latency
 from cnnlab.cli import main
 from cnnlab.models import create_model
 from cnnlab.models.widths import layer_widths, with_widths
+from cnnlab.tools import latency
 from cnnlab.tools.prune import narrowed
 from cnnlab.train.checkpoint import load_checkpoint
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import cnnlab.tools.latency as latency
 from cnnlab.cli import main
+from cnnlab.tools import latency
 from cnnlab.tools.serve.backends import OnnxBackend
 
 

@@ -78,7 +78,7 @@ class _Unreadable(ImageDataset):
 
 
 def test_the_search_never_reads_the_test_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cnnlab.train.loop as loop
+    from cnnlab.train import loop
 
     load = loop.load_splits
 
