@@ -103,10 +103,12 @@ def _prune(args: argparse.Namespace) -> int:
     with needs_extra("prune", "export"):
         from cnnlab.tools.compare import table
         from cnnlab.tools.prune import PruneSettings, prune_run
+        from cnnlab.train.progress import Progress
 
         settings = PruneSettings(amount=args.amount, method=args.method, steps=args.steps,
                                  finetune_epochs=args.finetune_epochs, lr=args.lr)  # fmt: skip
-        run, figures = prune_run(args.run, settings, args.out, args.overwrite)
+        progress = Progress(stream=sys.stderr if args.json else sys.stdout, bar=False)
+        run, figures = prune_run(args.run, settings, args.out, args.overwrite, progress)
     if args.json:
         print_json({"run_dir": str(run.path), **figures})
         return 0

@@ -39,6 +39,7 @@ from cnnlab.models.widths import layer_widths, with_widths
 from cnnlab.train.checkpoint import Checkpoint, load_checkpoint
 from cnnlab.train.evaluate import evaluate
 from cnnlab.train.loop import finish, make_augmenter
+from cnnlab.train.progress import Progress
 from cnnlab.train.rundir import RunDirectory
 
 METHODS = ("global-magnitude", "channels")
@@ -85,7 +86,9 @@ def source_checkpoint(run: Path) -> Path:
     return run
 
 
-def prune_run(source: Path, settings: PruneSettings, out: Path | None, overwrite: bool) -> tuple[RunDirectory, dict[str, Any]]:
+def prune_run(
+    source: Path, settings: PruneSettings, out: Path | None, overwrite: bool, progress: Progress
+) -> tuple[RunDirectory, dict[str, Any]]:
     """Prune `source`'s best model into a new run at `out`; the run and its figures (also in prune.json)."""
     from cnnlab.tools.compare import compare  # needs the export extra (ONNX, ONNX Runtime)
 
@@ -102,7 +105,7 @@ def prune_run(source: Path, settings: PruneSettings, out: Path | None, overwrite
     splits = load_splits(config.dataset, Path(config.data_dir) if config.data_dir else None, config.val_fraction,
                          config.seed, strict=config.strict_data)  # fmt: skip
     torch.manual_seed(config.seed)
-    pruned = prune_model(checkpoint.build_model(), checkpoint.normalization, splits, config, settings)
+    pruned = prune_model(checkpoint.build_model(), checkpoint.normalization, splits, config, settings, progress)
     run.prepare()
     run.write_config(config.to_dict())
     run.write_metrics(pruned.rows)
@@ -116,7 +119,12 @@ def prune_run(source: Path, settings: PruneSettings, out: Path | None, overwrite
 
 
 def prune_model(
-    model: nn.Sequential, normalization: Normalization, splits: DatasetSplits, config: TrainConfig, settings: PruneSettings
+    model: nn.Sequential,
+    normalization: Normalization,
+    splits: DatasetSplits,
+    config: TrainConfig,
+    settings: PruneSettings,
+    progress: Progress,
 ) -> Pruned:
     """Prune `model` in `settings.steps` steps, fine-tuning on `splits.train` after each."""
     rows: list[dict[str, float]] = []
@@ -130,7 +138,8 @@ def prune_model(
             goal = round(total * (1 - (1 - settings.amount) ** (step / settings.steps)))
             prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=goal - removed)
             removed = goal
-            rows += finetune(model, normalization, splits, config, settings, step)
+            progress.message(f"step {step}/{settings.steps}: {100 * goal / total:.1f}% of the weights zeroed")
+            rows += finetune(model, normalization, splits, config, settings, step, progress)
         for layer, name in layers:
             prune.remove(layer, name)  # weight = weight_orig * mask, for good
     else:
@@ -139,7 +148,8 @@ def prune_model(
             left = (1 - settings.amount) ** (step / settings.steps)
             widths = [max(1, round(w * left)) for w in original]
             model = narrowed(model, widths)
-            rows += finetune(model, normalization, splits, config, settings, step)
+            progress.message(f"step {step}/{settings.steps}: layer widths {original} -> {widths}")
+            rows += finetune(model, normalization, splits, config, settings, step, progress)
     for number, row in enumerate(rows, start=1):
         row["epoch"] = number
     return Pruned(model.eval(), widths, rows)
@@ -187,6 +197,7 @@ def finetune(
     config: TrainConfig,
     settings: PruneSettings,
     step: int,
+    progress: Progress,
 ) -> list[dict[str, float]]:
     """Fine-tune `model` in place on the training split (SGD with momentum, cosine from settings.lr to 0)
     with the run's batch size, label smoothing, weight decay and augmentation; one metrics row per epoch."""
@@ -228,6 +239,8 @@ def finetune(
         rows.append({"epoch": 0, "lr": lr, "train_loss": loss_sum / len(data), "train_accuracy": correct / len(data),
                      "val_loss": val.loss, "val_accuracy": val.accuracy, "seconds": seconds,
                      "images_per_s": len(data) / seconds})  # fmt: skip
+        progress.message(f"  fine-tune epoch {len(rows)}/{epochs}: train loss {rows[-1]['train_loss']:.4f}, "
+                         f"val accuracy {100 * val.accuracy:.2f}%, {seconds:.1f}s")  # fmt: skip
     model.eval()
     return rows
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from cnnlab.config import TrainConfig, resolve_config
 from cnnlab.data.sources import load_splits
 from cnnlab.errors import CnnlabError
 from cnnlab.tools.space import Param, check_space, nested
-from cnnlab.train.loop import finish, fit
+from cnnlab.train.loop import Interrupted, finish, fit
 from cnnlab.train.progress import Progress
 from cnnlab.train.rundir import RunDirectory
 
@@ -103,10 +104,15 @@ def tune(settings: TuneSettings, progress: Progress) -> TuneResult:
     progress.message(f"study {name} in {storage_url}: {already} of {settings.trials} trials finished")
     started = time.perf_counter()
     if already < settings.trials:
-        if settings.jobs == 1:
-            _search(settings, name, storage_url, study_dir, worker=0, progress=progress)
-        else:
-            _search_in_processes(settings, name, storage_url, study_dir)
+        try:
+            if settings.jobs == 1:
+                _search(settings, name, storage_url, study_dir, worker=0, progress=progress)
+            else:
+                _search_in_processes(settings, name, storage_url, study_dir)
+        except KeyboardInterrupt as exc:  # the trial's own advice (resume its run) does not apply to a study
+            signum = getattr(exc, "exit_status", 128 + signal.SIGINT) - 128
+            raise Interrupted(signum, f"interrupted; study {name} keeps its finished trials: run the same command "
+                              "again to continue it") from None  # fmt: skip
     wall = time.perf_counter() - started
     study = optuna.load_study(study_name=name, storage=open_storage(storage_url))
     summary = _summarize(study, settings, wall)
