@@ -10,7 +10,7 @@ other in its own process: their speed-ups are ratios taken side by side. The tun
 study reports its wall time and the share of trials its pruner stopped.
 
     python bench/compress.py --run RUN [--steps 3] [--finetune-epochs 2] [--channels-amount 0.5]
-        [--tune-trials 0] [--tune-epochs 3] [--tune-dataset D] [--tune-timeout S] [--quick] [--out PATH]
+        [--tune-trials 0] [--tune-epochs 3] [--tune-dataset D] [--tune-timeout S] [--work DIR] [--quick] [--out PATH]
 
 Without --run, a LeNet-5 is trained first (digits with --quick). Results go to
 bench/results/compress.json (a --quick run's to the temporary folder).
@@ -30,8 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import bench_parser, default_dataset, results_path, write_results
 
 
-def cnnlab(*arguments: str) -> dict:
-    """Run `python -m cnnlab ARGUMENTS --json`; its JSON answer, with the wall seconds it took."""
+def cnnlab(*arguments: str, figures: Path | None = None) -> dict:
+    """Run `python -m cnnlab ARGUMENTS --json`; its JSON answer, with the wall seconds it took.
+
+    figures: the file where the command leaves its figures; when it is already there (a bench
+    stopped part-way and run again with the same --work), the command is not run again.
+    """
+    if figures is not None and figures.is_file():
+        return {**json.loads(figures.read_text()), "reused_from": str(figures)}
     started = time.perf_counter()
     command = [sys.executable, "-m", "cnnlab", *arguments, "--json"]
     finished = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -50,9 +56,11 @@ def main() -> None:
     parser.add_argument("--tune-epochs", type=int, default=3, help="epochs per trial")
     parser.add_argument("--tune-dataset", help="the study's dataset; default --dataset's")
     parser.add_argument("--tune-timeout", type=float, help="seconds after which the study starts no more trials")
+    parser.add_argument("--work", type=Path, help="where the pruned runs, the int8 model and the study go (default: a "
+                        "new temporary folder); figures already there are reused, so a stopped bench continues")  # fmt: skip
     args = parser.parse_args()
     started = time.time()
-    work = Path(tempfile.mkdtemp(prefix="cnnlab-bench-compress-"))
+    work = args.work or Path(tempfile.mkdtemp(prefix="cnnlab-bench-compress-"))
     dataset = args.dataset or ("digits" if args.quick else default_dataset())
     steps, epochs = (1, 1) if args.quick else (args.steps, args.finetune_epochs)
     run = args.run
@@ -62,15 +70,18 @@ def main() -> None:
         run = Path(trained["run_dir"])
     figures: dict = {"run": str(run)}
     figures["global_magnitude"] = cnnlab("prune", str(run), "--amount", "0.8", "--steps", str(steps),
-                                         "--finetune-epochs", str(epochs), "--out", str(work / "global"))  # fmt: skip
+                                         "--finetune-epochs", str(epochs), "--out", str(work / "global"),
+                                         figures=work / "global" / "prune.json")  # fmt: skip
     figures["channels"] = cnnlab("prune", str(run), "--method", "channels", "--amount", str(args.channels_amount),
-                                 "--steps", str(steps), "--finetune-epochs", str(epochs), "--out", str(work / "channels"))  # fmt: skip
-    figures["quantize"] = cnnlab("quantize", str(run), "--out", str(work / "model.int8.onnx"))
+                                 "--steps", str(steps), "--finetune-epochs", str(epochs), "--out", str(work / "channels"),
+                                 figures=work / "channels" / "prune.json")  # fmt: skip
+    figures["quantize"] = cnnlab("quantize", str(run), "--out", str(work / "model.int8.onnx"),
+                                 figures=work / "model.int8.onnx.json")
     if args.tune_trials > 0:
         timeout = ["--timeout", str(args.tune_timeout)] if args.tune_timeout else []
         figures["tune"] = cnnlab("tune", "--dataset", args.tune_dataset or dataset, "--trials", str(args.tune_trials),
                                  "--epochs", str(args.tune_epochs), "--jobs", "2", "--runs-dir", str(work / "tune"),
-                                 *timeout)  # fmt: skip
+                                 "--study", "bench", *timeout, figures=work / "tune" / "bench" / "tune.json")  # fmt: skip
         figures["tune"].pop("trials")  # each trial's row stays in the study's tune.json
     results = write_results(results_path("compress", args.quick, args.out), figures, started)
     print(table(results))

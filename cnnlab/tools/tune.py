@@ -40,6 +40,7 @@ from cnnlab.train.rundir import RunDirectory
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "none")
+EXIT_INTERRUPTED = 130  # a worker stopped by a signal
 HEARTBEAT_S = 30  # a trial whose process stopped beating for 4x this is marked failed on the next start
 
 
@@ -214,13 +215,27 @@ def _search_in_processes(settings: TuneSettings, name: str, storage_url: str, st
                for i in range(settings.jobs)]  # fmt: skip
     for process in workers:
         process.start()
+    stopped = []
+
+    def stop(signum: int, frame: object) -> None:
+        # A SIGTERM sent to this process alone: pass it on, so that each worker finishes its epoch and stops.
+        stopped.append(signum)
+        for process in workers:
+            if process.is_alive():
+                process.terminate()
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         for process in workers:
             process.join()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C reaches the workers too; they finish their epoch
         for process in workers:
-            process.join(timeout=60)  # each got the signal too, and finishes its epoch
+            process.join(timeout=120)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if stopped or any(p.exitcode == EXIT_INTERRUPTED for p in workers):
+        raise KeyboardInterrupt
     failed = [p.exitcode for p in workers if p.exitcode != 0]
     if failed:
         raise CnnlabError(f"{len(failed)} tune worker(s) failed (exit status {failed[0]}); their errors are printed above")
@@ -235,6 +250,8 @@ def _worker(settings: TuneSettings, name: str, storage_url: str, study_dir: Path
     except CnnlabError as exc:
         print(f"cnnlab: error: worker {index}: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # the parent says what happened and how to continue
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _sampler(settings: TuneSettings, seed: int):
