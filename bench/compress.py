@@ -93,7 +93,7 @@ def table(results: dict) -> str:
         f = results[key]
         lost = 100 * (f["before"]["test_accuracy"] - f["after"]["test_accuracy"])
         lines.append(f"{label}: test {100 * f['before']['test_accuracy']:.2f}% -> {100 * f['after']['test_accuracy']:.2f}% "
-                     f"({lost:+.2f} points lost), sparsity {100 * f['after']['weight_sparsity']:.1f}%, parameters "
+                     f"({lost:.2f} points lost), sparsity {100 * f['after']['weight_sparsity']:.1f}%, parameters "
                      f"{f['before']['parameters']:,} -> {f['after']['parameters']:,}, batch 256 x{f['speedup']['torch_ms']['256']:.2f} "
                      f"PyTorch, x{f['speedup']['onnxruntime_ms']['256']:.2f} ONNX Runtime")  # fmt: skip
     q = results["quantize"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -109,7 +110,7 @@ def tune(settings: TuneSettings, progress: Progress) -> TuneResult:
             if settings.jobs == 1:
                 _search(settings, name, storage_url, study_dir, worker=0, progress=progress)
             else:
-                _search_in_processes(settings, name, storage_url, study_dir)
+                _search_in_processes(settings, name, storage_url, study_dir, to_stderr=progress.stream is sys.stderr)
         except KeyboardInterrupt as exc:  # the trial's own advice (resume its run) does not apply to a study
             signum = getattr(exc, "exit_status", 128 + signal.SIGINT) - 128
             raise Interrupted(signum, f"interrupted; study {name} keeps its finished trials: run the same command "
@@ -207,11 +208,14 @@ def _search(settings: TuneSettings, name: str, storage_url: str, study_dir: Path
         )  # fmt: skip
 
 
-def _search_in_processes(settings: TuneSettings, name: str, storage_url: str, study_dir: Path) -> None:
-    """--jobs K: K processes share the cores and the study (spawned, not forked: torch's threads do not survive a fork)."""
+def _search_in_processes(settings: TuneSettings, name: str, storage_url: str, study_dir: Path, to_stderr: bool) -> None:
+    """--jobs K: K processes share the cores and the study (spawned, not forked: torch's threads do not survive a fork).
+
+    to_stderr: the workers' lines go to stderr (stdout carries JSON), else to stdout.
+    """
     context = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // settings.jobs)
-    workers = [context.Process(target=_worker, args=(settings, name, storage_url, study_dir, i, threads))
+    workers = [context.Process(target=_worker, args=(settings, name, storage_url, study_dir, i, threads, to_stderr))
                for i in range(settings.jobs)]  # fmt: skip
     for process in workers:
         process.start()
@@ -241,12 +245,13 @@ def _search_in_processes(settings: TuneSettings, name: str, storage_url: str, st
         raise CnnlabError(f"{len(failed)} tune worker(s) failed (exit status {failed[0]}); their errors are printed above")
 
 
-def _worker(settings: TuneSettings, name: str, storage_url: str, study_dir: Path, index: int, threads: int) -> None:
-    import sys
-
+def _worker(
+    settings: TuneSettings, name: str, storage_url: str, study_dir: Path, index: int, threads: int, to_stderr: bool
+) -> None:
     torch.set_num_threads(threads)
+    progress = Progress(stream=sys.stderr if to_stderr else sys.stdout, bar=False)
     try:
-        _search(settings, name, storage_url, study_dir, worker=index, progress=Progress(stream=sys.stdout, bar=False))
+        _search(settings, name, storage_url, study_dir, worker=index, progress=progress)
     except CnnlabError as exc:
         print(f"cnnlab: error: worker {index}: {exc}", file=sys.stderr)
         sys.exit(2)
