@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from cnnlab.atomicfile import atomic_write_text
-from cnnlab.config import TrainConfig, resolve_config
+from cnnlab.config import TrainConfig, load_yaml_config, resolve_config
 from cnnlab.data.sources import load_splits
 from cnnlab.errors import CnnlabError
 from cnnlab.tools.space import Param, check_space, nested
@@ -121,7 +121,10 @@ def tune(settings: TuneSettings, progress: Progress) -> TuneResult:
     if summary["best"] is None:
         raise CnnlabError(f"no trial of study {name} finished: see the trial runs in {study_dir}")
     best_run = RunDirectory(Path(summary["best"]["run_dir"]))
-    config = resolve_config(yaml.safe_load(best_run.file("config.yaml").read_text()), origin=str(best_run.path), recipe=False)
+    if not best_run.file("config.yaml").is_file():  # a study shared by several machines: the run is elsewhere
+        raise CnnlabError(f"the best trial's run {best_run.path} is not on this machine: run this command on the "
+                          "machine that holds it to test it and write best.yaml")  # fmt: skip
+    config = resolve_config(load_yaml_config(best_run.file("config.yaml")), origin=str(best_run.path), recipe=False)
     summary["best"]["test_accuracy"] = final_test(best_run, config)
     best_yaml = study_dir / "best.yaml"
     atomic_write_text(best_yaml, yaml.safe_dump({**config.to_dict(), "name": None}, sort_keys=False))
