@@ -14,14 +14,14 @@ import warnings
 from typing import Sequence
 
 from cnnlab import __version__
-from cnnlab.cli import inspect, shipping, tools, train
+from cnnlab.cli import compress, inspect, shipping, tools, train
 from cnnlab.cli.common import Parser
 from cnnlab.errors import CnnlabError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-COMMAND_GROUPS = (train, tools, inspect, shipping)
+COMMAND_GROUPS = (train, tools, inspect, compress, shipping)
 
 
 def build_parser() -> Parser:

@@ -162,12 +162,12 @@ def _resolve_new_run(args: argparse.Namespace) -> Resolution:
     file_options = load_yaml_config(args.config) if args.config else {}
     # Flags are typed by argparse and recipes are cnnlab's own, so a mistake can only be the file's.
     origin = str(args.config) if args.config else "config"
-    return resolve(file_options, _flag_options(args), origin=origin, recipe=not args.no_recipe)
+    return resolve(file_options, flag_options(args), origin=origin, recipe=not args.no_recipe)
 
 
 def _resumed_config(args: argparse.Namespace, checkpoint: Checkpoint, *, run_path: Path) -> TrainConfig:
     """The run's saved config, with the only flags a resumed run may change (--epochs, --device)."""
-    flags = _flag_options(args)
+    flags = flag_options(args)
     if flags.keys() - {"epochs", "device"} or args.no_recipe:
         raise CnnlabError("--resume continues a run with its saved options; only --epochs and --device may change")
     # The saved config names the options the run was made with; a recipe must not fill in
@@ -196,7 +196,7 @@ def _run_name(config: TrainConfig) -> str:
 
 
 
-def _flag_options(args: argparse.Namespace) -> dict[str, Any]:
+def flag_options(args: argparse.Namespace) -> dict[str, Any]:
     """The train flags given on the command line, nested as in a config file: {"optim": {"lr": 0.1}}."""
     options: dict[str, Any] = {}
     for _, dest, _ in TRAIN_FLAGS:

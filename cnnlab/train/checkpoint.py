@@ -33,6 +33,7 @@ from cnnlab.atomicfile import atomic_copy, atomic_write_bytes, atomic_write_text
 from cnnlab.data.dataset import Normalization
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
+from cnnlab.models.widths import with_widths
 
 FORMAT_VERSION = 1
 _FORMAT_KEY = "cnnlab_checkpoint"
@@ -40,7 +41,8 @@ _FORMAT_KEY = "cnnlab_checkpoint"
 
 @dataclass
 class Checkpoint:
-    """model: {"name", "in_shape", "num_classes", "dropout"} (a checkpoint without "dropout" has none);
+    """model: {"name", "in_shape", "num_classes", "dropout"} (a checkpoint without "dropout" has none),
+    and "widths" for a narrowed model (cnnlab.models.widths);
     the other fields as saved by `save_checkpoint`.
 
     model_state: the weights to use; training_state: the weights to resume training from,
@@ -69,6 +71,8 @@ class Checkpoint:
         model = create_model(
             self.model["name"], self.in_shape, self.model["num_classes"], dropout=self.model.get("dropout", 0.0)
         )
+        if self.model.get("widths") is not None:  # channel-pruned: fewer channels and units than registered
+            model = with_widths(model, self.model["widths"])
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in self.model_state.items()}
         if expected != found:
@@ -206,6 +210,9 @@ def _check_fields(payload: dict) -> None:
     dropout = model.get("dropout", 0.0)
     if not (type(dropout) in (int, float) and 0 <= dropout < 1):  # noqa: E721 - a bool is no probability
         raise TypeError("model's dropout must be a probability in [0, 1)")
+    widths = model.get("widths")
+    if widths is not None and not (isinstance(widths, (list, tuple)) and all(type(w) is int for w in widths)):  # noqa: E721
+        raise TypeError("model widths must be a list of whole numbers")
     state = payload["model_state"]
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
         raise TypeError("model_state must map names to tensors")

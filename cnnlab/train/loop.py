@@ -15,6 +15,7 @@ run resumes exactly); a second one stops at once, keeping the files already save
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import shlex
 import signal
@@ -22,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
@@ -96,8 +97,12 @@ class RunState:
 @dataclass(frozen=True)
 class RunResult:
     run_dir: Path
-    test: Report
+    test: Report | None  # None for a run made with test=False
     rows: list[dict[str, float]]
+
+
+# Called with each epoch's metrics row once that epoch is saved; raising stops the run there.
+EpochCallback = Callable[[dict[str, float]], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,10 +166,16 @@ def fit(
     progress: Progress,
     resume: Checkpoint | None = None,
     world: World = ONE_PROCESS,
+    *,
+    on_epoch: EpochCallback | None = None,
+    test: bool = True,
 ) -> RunResult:
     """Train `config` into `run`; with `resume`, continue from that checkpoint exactly.
 
     world: this process's rank in a data-parallel job (cnnlab.train.distributed), one process by default.
+    on_epoch: called after each epoch is saved (a hyper-parameter search reports and
+    prunes there). test=False: the test split is dropped as soon as the data is loaded,
+    and the run ends after its last epoch, untested (a search chooses on validation only).
 
     Raises `Interrupted` when SIGINT or SIGTERM stops it (see the module's docstring).
     """
@@ -172,7 +183,7 @@ def fit(
         world.agree(lambda: check_resumable(config, resume, run))
     with StopRequests() as stop:
         try:
-            return _fit(config, run, progress, resume, stop, world)
+            return _fit(config, run, progress, resume, stop, world, on_epoch, test)
         except KeyboardInterrupt as exc:
             if isinstance(exc, Interrupted):
                 raise
@@ -223,6 +234,8 @@ def _fit(
     resume: Checkpoint | None,
     stop: StopRequests,
     world: World,
+    on_epoch: EpochCallback | None,
+    test: bool,
 ) -> RunResult:
     stop.saved = resume.epoch if resume is not None else 0  # the last epoch whose checkpoint is on disk
     device = world.agree(lambda: resolve_device(config.device))
@@ -232,6 +245,8 @@ def _fit(
     splits = world.agree(lambda: load_splits(
         config.dataset, _path_or_none(config.data_dir), config.val_fraction, config.seed, strict=config.strict_data
     ))  # fmt: skip
+    if not test:
+        splits = dataclasses.replace(splits, test=_withheld(splits))
     setup = world.agree(lambda: prepare(config, splits=splits, device=device, progress=progress, resume=resume, world=world))
     state = restore(setup, resume=resume, run=run) if resume is not None else RunState()
     run.prepare()
@@ -260,6 +275,12 @@ def _fit(
             ) from None
         stop.saved = epoch
         progress.end_epoch(row, config.epochs)
+        if on_epoch is not None:
+            on_epoch(row)
+    if not test:
+        if run.writes:
+            plot_curves(state.rows, run.file("curves.png"))
+        return RunResult(run.path, None, state.rows)
     return finish(
         run,
         splits=splits,
@@ -364,9 +385,14 @@ def restore(setup: TrainSetup, *, resume: Checkpoint, run: RunDirectory) -> RunS
         setup.augmenter.load_state_dict({"generator": rng["augment"]})
     rows = [r for r in run.read_metrics() if r["epoch"] <= resume.epoch]
     best_accuracy = max((r["val_accuracy"] for r in rows), default=-1.0)
-    metrics = resume.metrics or {}
+    return state_at(resume, rows=rows, best_accuracy=best_accuracy)
+
+
+def state_at(checkpoint: Checkpoint, *, rows: list[dict[str, float]], best_accuracy: float) -> RunState:
+    """The run's state when `checkpoint` was saved, early-stopping counters included."""
+    metrics = checkpoint.metrics or {}
     return RunState(
-        epoch=resume.epoch, step=resume.step, rows=rows, best_accuracy=best_accuracy,
+        epoch=checkpoint.epoch, step=checkpoint.step, rows=rows, best_accuracy=best_accuracy,
         target_accuracy=float(metrics.get("early_stopping_target", -1.0)),
         epochs_without_improvement=int(metrics.get("epochs_without_improvement", 0)),
     )  # fmt: skip
@@ -565,6 +591,11 @@ def make_augmenter(config: TrainConfig, device: torch.device):
     from cnnlab.data.augment import BatchAugmenter
 
     return BatchAugmenter(config.augment, config.seed, device)
+
+
+def _withheld(splits: DatasetSplits) -> ImageDataset:
+    """An empty split in place of the test split (made without touching it), so that nothing in an untested run reads it."""
+    return splits.train.subset(torch.empty(0, dtype=torch.int64))
 
 
 def _path_or_none(value: str | None) -> Path | None:
