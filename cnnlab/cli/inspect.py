@@ -88,13 +88,15 @@ def _print_table(table: LayerTable, model_name: str, as_json: bool) -> int:
 def _explain_image(args: argparse.Namespace, checkpoint: Checkpoint, model: nn.Module, run_dir: Path) -> int:
     from cnnlab.data.images import load_image
     from cnnlab.tools.attribution import explain, write_explanation
+    from cnnlab.tools.export import ModelInfo
     from cnnlab.tools.predict import top_predictions
 
     if args.top_k < 1:
         raise CnnlabError(f"--top-k must be at least 1, got {args.top_k}")
-    image = load_image(args.image, checkpoint.in_shape)  # (C, H, W) uint8, read as `cnnlab predict` reads it
+    info = ModelInfo.of(checkpoint, None)  # the framing and out-of-distribution check `cnnlab predict` applies
+    image = load_image(args.image, checkpoint.in_shape, info.framing)  # (C, H, W) uint8, as `cnnlab predict` reads it
     explanation = explain(model, checkpoint.normalization.apply(image[None]), layer=args.layer)
-    (top,) = top_predictions(explanation.probabilities[None], checkpoint.classes, args.top_k)
+    (top,) = top_predictions(explanation.probabilities[None], checkpoint.classes, args.top_k, info.ood)
     folder = args.out or run_dir / "inspect" / args.image.stem
     files = write_explanation(explanation, image, folder)
     if args.json:

@@ -116,6 +116,12 @@ def _view_after(module: nn.Module, view: _View | None, out: torch.Tensor) -> _Vi
     return None  # Linear, Flatten, a global pool (the registered models' other layers): every output sees it all
 
 
+def recurrent_mult_adds(rnn: nn.RNN | nn.LSTM, steps: int) -> int:
+    """Per image: each step multiplies the input (D) and the last state (H) into every gate's H units."""
+    gates = 4 if isinstance(rnn, nn.LSTM) else 1
+    return steps * gates * rnn.hidden_size * (rnn.input_size + rnn.hidden_size)
+
+
 def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
@@ -131,11 +137,18 @@ def layer_table(model: nn.Module, in_shape: tuple[int, int, int]) -> LayerTable:
     order: list[nn.Module] = []
     input_views: dict[int, tuple[torch.Tensor, _View | None]] = {}  # id(tensor) -> (tensor kept alive, its view)
 
+    by_hand = [0]  # FLOPs torch's counter does not see (its fused recurrent kernels), counted here
+
+    def flops_so_far() -> int:
+        return counter.get_total_flops() + by_hand[0]
+
     def before(module: nn.Module, args: tuple) -> None:
-        flops_at_start[module] = counter.get_total_flops()
+        flops_at_start[module] = flops_so_far()
 
     def after(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        flops_inside[module] = counter.get_total_flops() - flops_at_start[module]
+        if isinstance(module, (nn.RNN, nn.LSTM)):
+            by_hand[0] += 2 * recurrent_mult_adds(module, steps=args[0].shape[1])  # args[0]: (N, T, D)
+        flops_inside[module] = flops_so_far() - flops_at_start[module]
         _, seen = input_views.get(id(args[0]), (None, None))
         if isinstance(module, nn.Sequential):  # its output is its last layer's (or, empty, its input)
             view = input_views[id(out)][1]
@@ -146,8 +159,8 @@ def layer_table(model: nn.Module, in_shape: tuple[int, int, int]) -> LayerTable:
             view = _view_after(module, seen, out)
         views[module] = view
         input_views[id(out)] = (out, view)
-        if module in counted:
-            outputs[module] = tuple(out.shape[1:])
+        if module in counted:  # a recurrent layer gives (outputs, states): its shape is the outputs'
+            outputs[module] = tuple((out[0] if isinstance(out, tuple) else out).shape[1:])
             order.append(module)
 
     x = torch.zeros(1, *in_shape)

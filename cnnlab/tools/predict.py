@@ -26,7 +26,7 @@ class Prediction:
 
 
 def top_predictions(
-    probabilities: torch.Tensor, classes: tuple[str, ...], top_k: int, ood: OodCheck | None
+    probabilities: torch.Tensor, classes: tuple[str, ...], top_k: int, ood: OodCheck | None = None
 ) -> list[Prediction]:
     """probabilities: (N, K) -> for each image its top_k classes (at most K), most likely first, and its OOD flag."""
     top = probabilities.topk(min(top_k, len(classes)), dim=1)

@@ -178,16 +178,21 @@ def fit(
     and the run ends after its last epoch, untested (a search chooses on validation only).
 
     Raises `Interrupted` when SIGINT or SIGTERM stops it (see the module's docstring).
+    Lets go of `run` (RunDirectory.release) when it returns, however it returns.
     """
-    if resume is not None:
-        world.agree(lambda: check_resumable(config, resume, run))
-    with StopRequests() as stop:
-        try:
-            return _fit(config, run, progress, resume, stop, world, on_epoch, test)
-        except KeyboardInterrupt as exc:
-            if isinstance(exc, Interrupted):
-                raise
-            raise Interrupted(stop.signum or signal.SIGINT, _stopped_message(run, config, stop.saved, at_once=True)) from None
+    try:
+        if resume is not None:
+            world.agree(lambda: check_resumable(config, resume, run))
+        with StopRequests() as stop:
+            try:
+                return _fit(config, run, progress, resume, stop, world, on_epoch, test)
+            except KeyboardInterrupt as exc:
+                if isinstance(exc, Interrupted):
+                    raise
+                message = _stopped_message(run, config, stop.saved, at_once=True)
+                raise Interrupted(stop.signum or signal.SIGINT, message) from None
+    finally:
+        run.release()
 
 
 def check_resumable(config: TrainConfig, resume: Checkpoint, run: RunDirectory) -> None:
@@ -201,13 +206,16 @@ def check_resumable(config: TrainConfig, resume: Checkpoint, run: RunDirectory) 
     done, schedule = resume.epoch, config.optim.schedule
     planned = int((resume.config or {}).get("epochs", done))
     if config.epochs == done and run.is_finished() or config.epochs < done:
-        advice = (
-            f"its {schedule} schedule was laid over {planned} epochs, so more cannot continue it exactly: "
-            "start a new run with the --epochs you want"
+        longer = (
+            f"start a new run with the --epochs you want (its {schedule} schedule was laid over {planned} epochs, "
+            "so more cannot continue it exactly)"
             if schedule in ("onecycle", "cosine")
-            else f"pass --epochs N with N > {done}"
+            else f"resume with --epochs N, N > {done}"
         )
-        raise CnnlabError(f"{run.path} already has {done} epochs: {advice}")
+        if config.epochs == done:
+            raise CnnlabError(f"{run.path} is finished: its {done} epochs are trained and tested, so there is "
+                              f"nothing to resume; to train longer, {longer}")  # fmt: skip
+        raise CnnlabError(f"{run.path} already has {done} epochs, more than --epochs {config.epochs}: {longer}")
     if schedule in ("onecycle", "cosine") and config.epochs != planned:
         raise CnnlabError(
             f"{run.path} follows a {schedule} learning-rate schedule laid over {planned} epochs; --epochs {config.epochs} "

@@ -19,6 +19,7 @@ files such a kill leaves.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import shutil
@@ -39,6 +40,10 @@ METRIC_COLUMNS = (
 OPTIONAL_COLUMNS = ("l1_penalty",)  # written when the rows have them (--l1)
 
 
+# The runs this process holds: resolved path -> [open lock file, how many RunDirectory objects hold it].
+_HELD: dict[Path, list] = {}
+
+
 class RunDirectory:
     writes = True  # False on the ranks of a data-parallel job other than 0 (cnnlab.train.distributed)
 
@@ -47,6 +52,7 @@ class RunDirectory:
         self.checkpoints = self.path / "checkpoints"
         self._fresh = False
         self.resume_checkpoint: Checkpoint | None = None  # set by open()
+        self._lock: Any = None  # the open lock file while this process holds the run (see `claim`)
 
     @classmethod
     def create(cls, path: Path, overwrite: bool) -> RunDirectory:
@@ -57,6 +63,8 @@ class RunDirectory:
         that fails early keeps the run it would have replaced.
         """
         path = Path(path)
+        run = cls(path)
+        run.claim()
         # A run stopped before its first checkpoint has nothing to lose or continue: a new run replaces it.
         if path.exists() and not _holds_a_stopped_run_without_checkpoints(path):
             if not overwrite:
@@ -66,9 +74,44 @@ class RunDirectory:
                 )
             if not (path / "config.yaml").is_file() and any(path.iterdir()):
                 raise CnnlabError(f"{path} exists and is not a cnnlab run directory; --overwrite only replaces runs")
-        run = cls(path)
         run._fresh = True
         return run
+
+    def claim(self) -> None:
+        """Hold the run for this process until `release` (or its end, however it ends): one training per run.
+
+        An flock on a file beside the folder, so that it outlives the folder being replaced
+        (--overwrite) and is let go by the kernel even when the process is killed. Within one
+        process a run may be held by several RunDirectory objects (a run made, then reopened).
+        """
+        if self._lock is not None:
+            return
+        key = self.path.resolve()
+        if key not in _HELD:
+            key.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(key.with_name(f".{key.name}.lock"), "a")  # noqa: SIM115 - open while the run is held
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                raise CnnlabError(
+                    f"another cnnlab process is training in {self.path}: wait for it to end or stop it, "
+                    "or train into another --name"
+                ) from None
+            _HELD[key] = [lock, 0]
+        _HELD[key][1] += 1
+        self._lock = key
+
+    def release(self) -> None:
+        """Let go of the run; when no object of this process holds it, another process may have it."""
+        if self._lock is None:
+            return
+        held = _HELD[self._lock]
+        held[1] -= 1
+        if held[1] == 0:
+            held[0].close()  # closing the file drops the flock
+            del _HELD[self._lock]
+        self._lock = None
 
     def prepare(self) -> None:
         """Make a new run's folder, replacing an old run there; nothing to do for a resumed run."""
@@ -90,6 +133,7 @@ class RunDirectory:
         run = cls(path)
         if not run.path.is_dir():
             raise CnnlabError(f"{path} does not exist: pass the directory of the run to continue")
+        run.claim()  # before anything is removed: the temporary files could be another process's
         for folder in (run.path, run.checkpoints):
             if folder.is_dir():
                 remove_stale_temp_files(folder)

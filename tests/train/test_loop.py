@@ -127,10 +127,12 @@ def test_resume_refuses_to_change_the_recipe(tmp_path, capsys):
     assert "only --epochs and --device may change" in capsys.readouterr().err
 
 
-def test_resume_of_a_finished_run_asks_for_more_epochs(tmp_path, capsys):
+def test_resume_of_a_finished_run_says_it_is_finished_and_how_to_train_longer(tmp_path, capsys):
     assert train(tmp_path, "r", "--epochs", "1") == 0
     assert main(["train", "--resume", str(tmp_path / "r")]) == 2
-    assert "already has 1 epochs:" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "is finished: its 1 epochs are trained and tested, so there is nothing to resume" in error
+    assert "to train longer, start a new run with the --epochs you want" in error
 
 
 def test_a_diverging_run_stops_with_advice(tmp_path):
@@ -192,7 +194,7 @@ def test_a_run_killed_after_its_last_epoch_but_before_its_test_resumes_to_the_te
     again = json.loads((run / "summary.json").read_text())
     assert again["test_accuracy"] == summary["test_accuracy"] and again["best_epoch"] == summary["best_epoch"]
     assert (run / "curves.png").is_file() and (run / "confusion_matrix.png").is_file()
-    with pytest.raises(CnnlabError, match="already has 2 epochs: its onecycle schedule was laid over 2 epochs"):
+    with pytest.raises(CnnlabError, match="is finished: its 2 epochs are trained and tested"):
         resume_in_process(run)
 
 

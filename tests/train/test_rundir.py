@@ -112,3 +112,18 @@ def test_metrics_read_back_as_the_same_floats(tmp_path):
     row = {column: 139 / 144 for column in METRIC_COLUMNS} | {"epoch": 1}
     run.write_metrics([row])
     assert run.read_metrics() == [row]
+
+
+def test_a_run_is_held_by_one_process_at_a_time(tmp_path):
+    """A second training in the same folder (another --resume, an --overwrite) is refused until the first lets go."""
+    import subprocess
+    import sys
+
+    first = RunDirectory.create(tmp_path / "run", overwrite=False)
+    first.prepare()
+    holder = f"from cnnlab.train.rundir import RunDirectory; RunDirectory.create({str(tmp_path / 'run')!r}, overwrite=True)"
+    refused = subprocess.run([sys.executable, "-c", holder], capture_output=True, text=True)
+    assert "another cnnlab process is training in" in refused.stderr
+    assert (tmp_path / "run").is_dir()  # --overwrite did not get to replace it
+    first.release()
+    assert subprocess.run([sys.executable, "-c", holder], capture_output=True, text=True).returncode == 0
