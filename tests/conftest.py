@@ -5,12 +5,18 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright cannot download its own browsers here
 
 
 def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -65,3 +71,21 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     status = main(["train", "--epochs", "3", "--batch-size", "32", "--runs-dir", str(runs), "--name", "digits", "--json"])
     assert status == 0
     return runs / "digits"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Browser]:
+    """Debian's chromium, headless; skips without it, fails instead when CNNLAB_REQUIRE_DATA is set (CI)."""
+    if not CHROMIUM.is_file():
+        message = f"{CHROMIUM} is not installed (apt-get install chromium)"
+        if os.environ.get("CNNLAB_REQUIRE_DATA"):
+            pytest.fail(message + "; CNNLAB_REQUIRE_DATA is set, so this is an error")
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -18,6 +18,7 @@ files such a kill leaves.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import fcntl
 import io
@@ -41,7 +42,15 @@ OPTIONAL_COLUMNS = ("l1_penalty",)  # written when the rows have them (--l1)
 
 
 # The runs this process holds: resolved path -> [open lock file, how many RunDirectory objects hold it].
+# What is still held when the process ends is let go then (the kernel drops an flock with its file).
 _HELD: dict[Path, list] = {}
+
+
+@atexit.register
+def _release_all() -> None:
+    for lock, _ in _HELD.values():
+        lock.close()
+    _HELD.clear()
 
 
 class RunDirectory:
@@ -64,7 +73,8 @@ class RunDirectory:
         """
         path = Path(path)
         run = cls(path)
-        run.claim()
+        if path.exists():  # a run there may be training: refuse now, before replacing it is even planned
+            run.claim()
         # A run stopped before its first checkpoint has nothing to lose or continue: a new run replaces it.
         if path.exists() and not _holds_a_stopped_run_without_checkpoints(path):
             if not overwrite:
@@ -117,6 +127,7 @@ class RunDirectory:
         """Make a new run's folder, replacing an old run there; nothing to do for a resumed run."""
         if not self._fresh:
             return
+        self.claim()  # before the folder is replaced or made: two new runs of one name race here
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)

@@ -5,42 +5,15 @@ that cannot be written leaves the run whole."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import pytest
 from PIL import Image
 
 from cnnlab.cli import main
 from cnnlab.models import count_parameters, create_model
 from cnnlab.train.diagnostics import read_diagnostics
 
-if TYPE_CHECKING:
-    from playwright.sync_api import Browser
-
-CHROMIUM = Path("/usr/bin/chromium")
 TABLE = "sel => [...document.querySelectorAll(sel + ' tr')].map(r => [...r.children].map(c => c.textContent))"
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Browser]:
-    """Debian's chromium, headless; skips without it, fails instead when CNNLAB_REQUIRE_DATA is set (CI)."""
-    if not CHROMIUM.is_file():
-        message = f"{CHROMIUM} is not installed (apt-get install chromium)"
-        if os.environ.get("CNNLAB_REQUIRE_DATA"):
-            pytest.fail(message + "; CNNLAB_REQUIRE_DATA is set, so this is an error")
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 def test_the_report_train_writes_loads_cleanly_and_holds_the_runs_numbers(trained_run, chromium):

@@ -4,11 +4,9 @@ it describes the model, classifies a drawn digit and an uploaded image, and show
 from __future__ import annotations
 
 import io
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -20,9 +18,8 @@ from tests.tools.serve.conftest import wait_until
 from tests.tools.serve.test_server import running
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Page
 
-CHROMIUM = Path("/usr/bin/chromium")
 PERCENT = re.compile(r"^\d{1,3}\.\d%$")
 # Chromium hides a fetch's Blob bodies from Playwright, so this script, added to the page, keeps the last file sent.
 KEEP_SENT = """{
@@ -33,24 +30,6 @@ KEEP_SENT = """{
   };
 }"""
 SENT_BYTES = "async () => Array.from(new Uint8Array(await window.sent.arrayBuffer()))"
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Browser]:
-    """Debian's chromium, headless; skips without it, fails instead when CNNLAB_REQUIRE_DATA is set (CI)."""
-    if not CHROMIUM.is_file():
-        message = f"{CHROMIUM} is not installed (apt-get install chromium)"
-        if os.environ.get("CNNLAB_REQUIRE_DATA"):
-            pytest.fail(message + "; CNNLAB_REQUIRE_DATA is set, so this is an error")
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture(scope="module")
