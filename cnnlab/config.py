@@ -132,6 +132,7 @@ class TrainConfig:
     name: str | None = None  # run directory name; derived from model, dataset and time when None
     runs_dir: str = "runs"
     strict_data: bool = False  # an unreadable image in a folder: dataset is an error, not a skipped file
+    tensorboard: bool = False  # also write each epoch's figures as TensorBoard scalars into RUN/tensorboard
     # Transfer learning (cnnlab.train.transfer): start from a trained run's weights (a run
     # directory, a checkpoint or an exported .safetensors) and keep some layers fixed.
     init_from: str | None = None

@@ -77,6 +77,8 @@ TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--sync-bn", "sync_bn", {"action": "store_true", "help": "data-parallel (--nproc, torchrun): batch-norm "
                                "statistics over the whole global batch rather than each process's shard"}),
     ("--strict", "strict_data", {"action": "store_true", "help": "folder: datasets: fail on unreadable images"}),
+    ("--tensorboard", "tensorboard", {"action": "store_true", "help": "also log each epoch's metrics and layer "
+                                      "diagnostics to RUN/tensorboard (the tensorboard extra)"}),
     # Transfer learning and parameter groups (docs/transfer.md)
     ("--init-from", "init_from", {"metavar": "RUN", "help": "start from the weights of a run directory, checkpoint "
                                   "(.pt) or exported .safetensors; the head is replaced when the classes differ"}),

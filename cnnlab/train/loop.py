@@ -37,7 +37,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
 from cnnlab.train.averaging import WeightAverage
 from cnnlab.train.checkpoint import Checkpoint
-from cnnlab.train.diagnostics import Diagnostics
+from cnnlab.train.diagnostics import Diagnostics, read_diagnostics
 from cnnlab.engine import make_engine
 from cnnlab.engine.step import Engine
 from cnnlab.train.distributed import ONE_PROCESS, World
@@ -46,6 +46,7 @@ from cnnlab.train.plots import plot_confusion, plot_curves
 from cnnlab.train.progress import Progress
 from cnnlab.train.rundir import RunDirectory, code_version
 from cnnlab.train.schedule import learning_rate
+from cnnlab.train.tensorboard import EpochBoard, require_tensorboard
 from cnnlab.train.transfer import transfer
 
 if TYPE_CHECKING:
@@ -257,7 +258,10 @@ def _fit(
         splits = dataclasses.replace(splits, test=_withheld(splits))
     setup = world.agree(lambda: prepare(config, splits=splits, device=device, progress=progress, resume=resume, world=world))
     state = restore(setup, resume=resume, run=run) if resume is not None else RunState()
+    if config.tensorboard:
+        require_tensorboard()
     run.prepare()
+    board = EpochBoard(run.path) if config.tensorboard and run.writes else None
     # Rewritten on resume too: --epochs may have grown, and config.yaml must describe the whole run.
     run.write_config(config.to_dict())
     val_data, test_data = splits.val.to(device), splits.test.to(device)
@@ -283,8 +287,12 @@ def _fit(
             ) from None
         stop.saved = epoch
         progress.end_epoch(row, config.epochs)
+        if board is not None:
+            board.log(row, next((e for e in read_diagnostics(run.path) if e["epoch"] == epoch), None))
         if on_epoch is not None:
             on_epoch(row)
+    if board is not None:
+        board.close()
     if not test:
         if run.writes:
             plot_curves(state.rows, run.file("curves.png"))
