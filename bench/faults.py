@@ -21,7 +21,9 @@ by a new run of the same name). After every kill, every file in checkpoints/
 (temporary ones too) must load with `load_checkpoint` or be refused with a
 CnnlabError, and the named checkpoints must load. Once the last resume finishes:
 no temporary file left in the run, metrics.csv has epochs 1..E once each, and
-best.pt and last.pt hold bit-identical weights to the straight run's.
+best.pt and last.pt hold bit-identical weights to the straight run's. A run that
+finishes before all N kills have landed is trained again from scratch and killed by
+the rest (`trainings` counts them); the last one is the one compared.
 
 A run that can neither be resumed nor restarted is a problem (`stuck`); the
 harness then does what a user would, deletes it and starts again, so that the
@@ -67,6 +69,9 @@ class FaultReport:
     kills_during_save: int = 0  # a temporary file or a two-digest sidecar was left: the kill cut a save
     resumes: int = 0
     reruns: int = 0  # the same command again, after a kill before the first checkpoint
+    # Trainings from scratch: a run that finishes before every kill has landed (the plan's late
+    # moments fall after it) is trained again, killed by the rest; the last one is compared. At most 20.
+    trainings: int = 1
     checkpoint_loads: int = 0  # load_checkpoint calls on files left after kills
     refused_temp_files: int = 0  # partial temporary files refused with a CnnlabError, as they should be
     unloadable: list[str] = field(default_factory=list)  # named checkpoints (NAME.pt) that did not load
@@ -238,6 +243,15 @@ def next_command(runs: Path, name: str, epochs: int, seed: int, report: FaultRep
     return train_command(runs, name, epochs, seed)
 
 
+def again(report: FaultReport, kills: int, run: Path) -> bool:
+    """Whether a finished run is trained again from scratch, for the kills still to land (at most 20 times)."""
+    if report.kills >= kills or report.trainings >= 20:
+        return False
+    report.trainings += 1
+    shutil.rmtree(run)
+    return True
+
+
 def kill_at_random(
     training: Training,
     run: Path,
@@ -317,13 +331,19 @@ def run_with_faults(
                 check_checkpoints(run, report, report.kills)
                 if log:
                     log(f"kill {report.kills:3d} ({kind:7s}) {describe(run)}")
-                if (run / "summary.json").is_file():
-                    break  # killed after its last write: the run is complete, only the exit status was lost
+                if (run / "summary.json").is_file():  # killed after its last write: only the exit status was lost
+                    if not again(report, kills, run):
+                        break
+                    command = train_command(runs, name, epochs, seed)
+                    continue
                 command = next_command(runs, name, epochs, seed, report)
                 continue
         status = training.wait()
         if status == 0:
-            break
+            if not again(report, kills, run):
+                break
+            command = train_command(runs, name, epochs, seed)
+            continue
         report.stuck.append(f"after kill {report.kills}: {' '.join(command[3:])} exited {status}: {training.tail()}")
         if len(report.stuck) > 10:
             break
