@@ -4,7 +4,7 @@ Each format holds the weights of the run's best checkpoint (the moving average
 with --ema), for inputs (N, C, H, W) float32 normalized as in training, with a
 free batch size; the output is (N, K) logits. What a server needs besides the
 weights (class names, input shape, normalization, the framing of the training
-images, the out-of-distribution threshold (cnnlab/tools/calibrate.py), test
+images, the out-of-distribution threshold (cnnlab/train/calibrate.py), test
 accuracy, cnnlab's version) travels with each file: in the ONNX file's
 metadata, and in a `model.json` beside the others. ONNX is checked when it is written:
 onnx.checker, then ONNX Runtime against the PyTorch model on up to 1,000 test
@@ -34,7 +34,7 @@ from cnnlab.data.dataset import Normalization
 from cnnlab.data.preprocess import Framing
 from cnnlab.data.sources import get_source
 from cnnlab.errors import CnnlabError
-from cnnlab.tools.calibrate import OodCheck, calibrate
+from cnnlab.train.calibrate import OodCheck, calibration_of
 from cnnlab.train.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
 
 FORMATS = ("onnx", "pt2", "torchscript", "safetensors")
@@ -62,7 +62,7 @@ class ModelInfo:
     @classmethod
     def of(cls, checkpoint: Checkpoint, test_accuracy: float | None) -> ModelInfo:
         """The checkpoint's description, with the framing and OOD check measured on its own data splits."""
-        calibration = calibrate(checkpoint, checkpoint.build_model())
+        calibration = calibration_of(checkpoint)
         return cls(checkpoint.model["name"], checkpoint.in_shape, checkpoint.classes, checkpoint.normalization,
                    checkpoint.dataset, test_accuracy, cnnlab.__version__, checkpoint.model.get("dropout", 0.0),
                    calibration.framing, calibration.ood)  # fmt: skip

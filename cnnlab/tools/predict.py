@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cnnlab.data.images import load_image
-from cnnlab.tools.calibrate import OodCheck
+from cnnlab.train.calibrate import OodCheck
 from cnnlab.tools.export import ModelInfo
 from cnnlab.train.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
 from cnnlab.fast.forward import fast_forward

@@ -46,7 +46,8 @@ class Checkpoint:
     the other fields as saved by `save_checkpoint`.
 
     model_state: the weights to use; training_state: the weights to resume training from,
-    None where they are model_state.
+    None where they are model_state. source and sha256: the file it was read from and the
+    SHA-256 of its bytes (None for a checkpoint made in memory); not saved.
     """
 
     model: dict[str, Any]
@@ -61,6 +62,8 @@ class Checkpoint:
     config: dict[str, Any] | None = None
     metrics: dict[str, float] | None = None
     training_state: dict[str, torch.Tensor] | None = None
+    source: Path | None = None
+    sha256: str | None = None
 
     @property
     def in_shape(self) -> tuple[int, int, int]:
@@ -161,7 +164,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         data = path.read_bytes()
     except OSError as exc:
         raise CnnlabError(f"cannot read checkpoint {path}: {exc.strerror}") from None
-    _verify_digest(path, data)
+    digest = hashlib.sha256(data).hexdigest()
+    _verify_digest(path, digest)
     try:
         # From the bytes just verified, not the path: the file could change in between.
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -195,6 +199,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
             config=payload.get("config"),
             metrics=payload.get("metrics"),
             training_state=payload.get("training_state"),
+            source=path,
+            sha256=digest,
         )
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
         raise CnnlabError(f"{path} is an incomplete or malformed cnnlab checkpoint ({_reason(exc)}): it is corrupt") from None
@@ -222,15 +228,15 @@ def _check_fields(payload: dict) -> None:
         raise TypeError("dataset must be a name, epoch and step whole numbers")
 
 
-def _verify_digest(path: Path, data: bytes) -> None:
-    """Raise a CnnlabError if `path` has a digest sidecar and `data` does not match it."""
+def _verify_digest(path: Path, digest: str) -> None:
+    """Raise a CnnlabError if `path` has a digest sidecar and `digest` (of the bytes read) is not in it."""
     sidecar = digest_path(path)
     if not sidecar.exists():
         return
     recorded = _recorded_digests(sidecar)
     if not recorded:
         raise CnnlabError(f"{sidecar} is not a SHA-256 line: {path} cannot be verified; delete {sidecar.name} to load it unverified")
-    if hashlib.sha256(data).hexdigest() not in recorded:
+    if digest not in recorded:
         raise CnnlabError(
             f"{path} is corrupt: its bytes do not match the SHA-256 in {sidecar.name} "
             "(the file changed after it was written); use another checkpoint"

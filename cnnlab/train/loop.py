@@ -36,6 +36,7 @@ from cnnlab.data.sources import load_splits, normalization_for
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
 from cnnlab.train.averaging import WeightAverage
+from cnnlab.train.calibrate import record_calibration
 from cnnlab.train.checkpoint import Checkpoint
 from cnnlab.train.diagnostics import Diagnostics, read_diagnostics
 from cnnlab.engine import make_engine
@@ -548,7 +549,8 @@ def finish(
     stopped: dict,
     world: World = ONE_PROCESS,
 ) -> RunResult:
-    """Test the best checkpoint and write the run's summary, curves and confusion matrix.
+    """Test the best checkpoint and write the run's summary, curves and confusion matrix, and keep its
+    calibration (cnnlab/train/calibrate.py) beside it.
 
     stopped: why and after which epoch training ended (`stop_record`), for summary.json.
     """
@@ -562,6 +564,8 @@ def finish(
     summary = _summary(test, best_epoch=best.epoch, rows=rows, config=config, classes=splits.classes, device=device)
     summary["stopped"] = stopped
     run.write_json("summary.json", summary)
+    if run.writes:  # what predict and serve need of the training data, measured now that the splits are at hand
+        record_calibration(best, model, splits)
     return RunResult(run.path, test, rows)
 
 

@@ -10,7 +10,7 @@ and images are decoded by `cnnlab.data.images.decode_image`, the code path of
 `cnnlab predict`, which checks the pixel count in the header before decoding and
 frames each image as the training images were (cnnlab/data/preprocess.py). Each
 prediction carries `out_of_distribution`, the model's calibrated flag for inputs
-unlike its training data (cnnlab/tools/calibrate.py; null without one).
+unlike its training data (cnnlab/train/calibrate.py; null without one).
 Every refusal is JSON {"error": "...", "reason": "..."} and is counted by reason.
 """
 

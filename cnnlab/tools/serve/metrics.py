@@ -7,7 +7,7 @@ deviation of the normalized input pixels (about 0 and 1 on images like those the
 model was trained on; a shift means other lighting, inverted colours, another
 kind of image) and the share of each class among the recent top-1 predictions.
 A third counts the inputs the model's out-of-distribution check flags
-(cnnlab/tools/calibrate.py), with their moving share.
+(cnnlab/train/calibrate.py), with their moving share.
 Both are moving averages over about the last DRIFT_WINDOW images, exact
 averages until that many have been seen.
 """
