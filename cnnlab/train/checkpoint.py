@@ -46,7 +46,9 @@ class Checkpoint:
     the other fields as saved by `save_checkpoint`.
 
     model_state: the weights to use; training_state: the weights to resume training from,
-    None where they are model_state. source and sha256: the file it was read from and the
+    None where they are model_state. epoch_begun: where training stopped inside epoch
+    `epoch` + 1, for a checkpoint saved on a signal mid-epoch (cnnlab.train.loop.EpochSoFar),
+    else None. source and sha256: the file it was read from and the
     SHA-256 of its bytes (None for a checkpoint made in memory); not saved.
     """
 
@@ -62,6 +64,7 @@ class Checkpoint:
     config: dict[str, Any] | None = None
     metrics: dict[str, float] | None = None
     training_state: dict[str, torch.Tensor] | None = None
+    epoch_begun: dict[str, Any] | None = None
     source: Path | None = None
     sha256: str | None = None
 
@@ -102,6 +105,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "config": checkpoint.config,
         "metrics": checkpoint.metrics,
         "training_state": _on_cpu(checkpoint.training_state),
+        "epoch_begun": checkpoint.epoch_begun,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -199,6 +203,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             config=payload.get("config"),
             metrics=payload.get("metrics"),
             training_state=payload.get("training_state"),
+            epoch_begun=payload.get("epoch_begun"),
             source=path,
             sha256=digest,
         )

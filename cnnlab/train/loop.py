@@ -1,16 +1,17 @@
 """The training loop: from a configuration to a finished run directory.
 
 Read top to bottom: `fit` sets the run up (`prepare`), starts it or puts it back
-where a checkpoint left it (`restore`), then for each epoch trains and validates
-(`run_epoch`, which calls `train_one_epoch` and `evaluate`) and saves
+where a checkpoint left it (`restore`), then for each epoch trains (`train_epoch`,
+which calls `train_one_epoch`), validates (`validate_epoch`) and saves
 (`save_epoch`) until the last epoch or early stopping (`--patience`, `stop_early`),
 and finally tests the best model (`finish`). One optimizer step
 is zero_grad -> forward -> loss -> backward -> step, inside the engine.
 
 SIGINT and SIGTERM do not cut a run short at a random point: while `fit` runs, the
-first one lets the epoch in progress finish and be saved, then stops with
-`Interrupted` (a checkpoint holds the state at an epoch's end, which is where a
-run resumes exactly); a second one stops at once, keeping the files already saved.
+first one lets the step in progress finish, saves the run there as `last.pt` (with
+how far the epoch had come, `EpochSoFar`, so that a resume trains the rest of the
+same epoch in the same order and ends with the same weights), then stops with
+`Interrupted`; a second one stops at once, keeping the files already saved.
 """
 
 from __future__ import annotations
@@ -83,11 +84,46 @@ class TrainSetup:
 
 
 @dataclass
+class EpochSoFar:
+    """How far an epoch has come: its first `batches` batches trained, the sum of their losses (each times its
+    global batch's size; float64), their correct predictions over every rank, and the seconds it took.
+
+    shuffle: the shuffling generator's state before the epoch's order was drawn, which a checkpoint saved
+    mid-epoch keeps so that the resumed run draws the same order and skips the batches already trained.
+    """
+
+    shuffle: torch.Tensor
+    batches: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, float]:
+        return {"batches": self.batches, "loss_sum": self.loss_sum, "correct": self.correct, "seconds": self.seconds}
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint, shuffle: torch.Tensor) -> EpochSoFar | None:
+        """The epoch `checkpoint` stopped inside (None: it was saved at an epoch's end); `shuffle`: its saved state."""
+        begun = checkpoint.epoch_begun
+        if begun is None:
+            return None
+        try:
+            batches, correct = begun["batches"], begun["correct"]
+            if type(batches) is not int or type(correct) is not int or batches < 1:  # noqa: E721
+                raise TypeError("batches and correct must be whole numbers")
+            return cls(shuffle, batches, float(begun["loss_sum"]), correct, float(begun["seconds"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CnnlabError(f"{checkpoint.source}'s record of the epoch in progress is malformed ({exc}): it is corrupt") from None
+
+
+@dataclass
 class RunState:
-    """How far a run has come: the last finished epoch, the next step, one metrics row per epoch."""
+    """How far a run has come: the last finished epoch, the next step, one metrics row per epoch,
+    and the part of the next epoch a checkpoint saved mid-epoch had trained."""
 
     epoch: int = 0
     step: int = 0
+    begun: EpochSoFar | None = None
     rows: list[dict[str, float]] = field(default_factory=list)
     best_accuracy: float = -1.0  # the best validation accuracy so far; -1 before any
     # Early stopping: the accuracy the next epoch must beat by more than --min-delta, and how many
@@ -226,11 +262,20 @@ def check_resumable(config: TrainConfig, resume: Checkpoint, run: RunDirectory) 
         )
 
 
-def _stopped_message(run: RunDirectory, config: TrainConfig, saved: int, *, at_once: bool) -> str:
-    """The one line an interrupted run ends with: where it stopped, and the command that continues it."""
-    if saved == 0:
+def _stopped_message(
+    run: RunDirectory, config: TrainConfig, saved: int, *, at_once: bool, within: tuple[int, int] | None = None
+) -> str:
+    """The one line an interrupted run ends with: where it stopped, and the command that continues it.
+
+    saved: the last epoch saved whole; within: (epoch, batches) when the run was saved inside that epoch.
+    """
+    if within is not None:
+        epoch, batches = within
+        how = f"saved after {batches} batches of epoch {epoch} of {config.epochs}"
+    elif saved == 0:
         return f"interrupted before the first epoch was saved; start the run again (the same command replaces {run.path})"
-    how = f"stopped at once; epoch {saved} is saved" if at_once else f"finished and saved epoch {saved} of {config.epochs}"
+    else:
+        how = f"stopped at once; epoch {saved} is saved" if at_once else f"finished and saved epoch {saved} of {config.epochs}"
     return (
         f"interrupted; {how}; continue with: "
         f"cnnlab train --resume {shlex.quote(str(run.path))} --epochs {config.epochs}"
@@ -273,19 +318,27 @@ def _fit(
     for epoch in range(state.epoch + 1, config.epochs + 1):
         if stop_early(config, state):  # checked first: a resumed run that had stopped early stays stopped
             break
-        # Between epochs: the one point a run can stop at and resume from exactly. A stop asked
-        # for during the last epoch lets the run finish instead, as only its test would remain.
+        # A stop asked for while the last epoch was validated and saved.
         if world.any(stop.signum is not None):
             raise Interrupted(stop.signum or signal.SIGTERM, _stopped_message(run, config, stop.saved, at_once=False))
-        row = run_epoch(setup, state, epoch=epoch, val_data=val_data)
+        # Every rank asks after each step: a stop asked of one stops them all after the same step.
+        so_far = train_epoch(setup, state, epoch=epoch, stop_asked=lambda: world.any(stop.signum is not None))
+        finished = so_far.batches == setup.steps_per_epoch
+        row = validate_epoch(setup, state, so_far, epoch=epoch, val_data=val_data) if finished else None
         try:
-            save_epoch(run, setup, state, row=row, splits=splits, has_val=len(val_data) > 0)
+            if row is not None:
+                save_epoch(run, setup, state, row=row, splits=splits, has_val=len(val_data) > 0)
+            else:
+                save_within_epoch(run, setup, state, so_far, splits=splits)
         except CnnlabError as exc:  # a full disk: the previous checkpoint is kept, so say how to go on from it
             if stop.saved == 0:
                 raise
             raise CnnlabError(
                 f"{exc}; then continue with: cnnlab train --resume {shlex.quote(str(run.path))} --epochs {config.epochs}"
             ) from None
+        if row is None:
+            message = _stopped_message(run, config, stop.saved, at_once=False, within=(epoch, so_far.batches))
+            raise Interrupted(stop.signum or signal.SIGTERM, message)
         stop.saved = epoch
         progress.end_epoch(row, config.epochs)
         if board is not None:
@@ -402,7 +455,9 @@ def restore(setup: TrainSetup, *, resume: Checkpoint, run: RunDirectory) -> RunS
         setup.augmenter.load_state_dict({"generator": rng["augment"]})
     rows = [r for r in run.read_metrics() if r["epoch"] <= resume.epoch]
     best_accuracy = max((r["val_accuracy"] for r in rows), default=-1.0)
-    return state_at(resume, rows=rows, best_accuracy=best_accuracy)
+    state = state_at(resume, rows=rows, best_accuracy=best_accuracy)
+    state.begun = EpochSoFar.of(resume, rng["shuffle"])
+    return state
 
 
 def state_at(checkpoint: Checkpoint, *, rows: list[dict[str, float]], best_accuracy: float) -> RunState:
@@ -415,27 +470,37 @@ def state_at(checkpoint: Checkpoint, *, rows: list[dict[str, float]], best_accur
     )  # fmt: skip
 
 
-def run_epoch(setup: TrainSetup, state: RunState, *, epoch: int, val_data: ImageDataset) -> dict[str, float]:
-    """Train epoch `epoch` and validate; returns its metrics row, having moved `state` on to its end."""
-    config = setup.config
-    setup.progress.start_epoch(epoch, config.epochs, setup.steps_per_epoch)
+def train_epoch(setup: TrainSetup, state: RunState, *, epoch: int, stop_asked: Callable[[], bool]) -> EpochSoFar:
+    """Train epoch `epoch`, from where `state.begun` left it when a run resumes mid-epoch, until its last batch or
+    until stop_asked() after a step; moves `state.step` on and returns how far the epoch came."""
+    so_far, state.begun = state.begun or EpochSoFar(setup.shuffle.get_state()), None
+    setup.progress.start_epoch(epoch, setup.config.epochs, setup.steps_per_epoch, done=so_far.batches)
     started = time.perf_counter()
     setup.engine.model.train()
+    # Drawn again from the saved state after a stop mid-epoch: the same order, its first batches skipped.
     order = torch.randperm(len(setup.data), generator=setup.shuffle).to(setup.data.images.device)
-    train_loss, train_accuracy, state.step = train_one_epoch(setup, order, step=state.step)
-    seconds = time.perf_counter() - started
+    state.step = train_one_epoch(setup, order, so_far, step=state.step, stop_asked=stop_asked)
+    so_far.seconds += time.perf_counter() - started
+    return so_far
+
+
+def validate_epoch(
+    setup: TrainSetup, state: RunState, so_far: EpochSoFar, *, epoch: int, val_data: ImageDataset
+) -> dict[str, float]:
+    """Validate the trained epoch `epoch`; returns its metrics row, having moved `state` on to its end."""
+    config, n = setup.config, len(setup.data)
     state.epoch = epoch
     setup.world.agree_buffers(setup.engine.model, setup.evaluated)
     val = setup.world.evaluate(setup.evaluated, val_data, setup.normalization)
     row = {
         "epoch": epoch,
         "lr": learning_rate(config.optim, max(state.step - 1, 0), setup.steps_per_epoch, setup.total_steps),
-        "train_loss": train_loss,
-        "train_accuracy": train_accuracy,
+        "train_loss": so_far.loss_sum / n,
+        "train_accuracy": so_far.correct / n,
         "val_loss": val.loss,
         "val_accuracy": val.accuracy,
-        "seconds": seconds,
-        "images_per_s": len(setup.data) / seconds,
+        "seconds": so_far.seconds,
+        "images_per_s": n / so_far.seconds,
     }
     if config.l1:  # the penalty at the epoch's end (trained) weights, as the loss adds it: lambda * sum |w|
         row["l1_penalty"] = L1Penalty(config.l1, dict(setup.engine.model.named_parameters())).forward().item()
@@ -470,8 +535,19 @@ def save_epoch(
     run.save_checkpoint("last", checkpoint)
 
 
-def make_checkpoint(setup: TrainSetup, *, splits: DatasetSplits, state: RunState, row: dict[str, float]) -> Checkpoint:
-    """Everything to use the model (the evaluated weights) and to continue training exactly (the rest)."""
+def save_within_epoch(run: RunDirectory, setup: TrainSetup, state: RunState, so_far: EpochSoFar, *,
+                      splits: DatasetSplits) -> None:  # fmt: skip
+    """Save the run as it stands inside epoch `state.epoch` + 1 as "last", for a resume to finish that epoch."""
+    setup.diagnostics.save(run, state.epoch + 1)  # the epoch's first step, measured before the stop
+    row = state.rows[-1] if state.rows else {}
+    run.save_checkpoint("last", make_checkpoint(setup, splits=splits, state=state, row=row, so_far=so_far))
+
+
+def make_checkpoint(
+    setup: TrainSetup, *, splits: DatasetSplits, state: RunState, row: dict[str, float], so_far: EpochSoFar | None = None
+) -> Checkpoint:
+    """Everything to use the model (the evaluated weights) and to continue training exactly (the rest):
+    from the end of epoch `state.epoch`, or from inside the next one, `so_far` into it."""
     config = setup.config
     return Checkpoint(
         model={
@@ -490,7 +566,7 @@ def make_checkpoint(setup: TrainSetup, *, splits: DatasetSplits, state: RunState
         optimizer_state=setup.engine.optimizer_state(),
         rng=setup.world.gather_rng({
             "torch": torch.get_rng_state(),
-            "shuffle": setup.shuffle.get_state(),
+            "shuffle": setup.shuffle.get_state() if so_far is None else so_far.shuffle,
             **({"augment": setup.augmenter.state_dict()["generator"]} if setup.augmenter is not None else {}),
         }),
         config=config.to_dict(),
@@ -499,20 +575,25 @@ def make_checkpoint(setup: TrainSetup, *, splits: DatasetSplits, state: RunState
             "early_stopping_target": state.target_accuracy,
             "epochs_without_improvement": state.epochs_without_improvement,
         },
+        epoch_begun=None if so_far is None else so_far.to_dict(),
     )
 
 
-def train_one_epoch(setup: TrainSetup, order: torch.Tensor, *, step: int) -> tuple[float, float, int]:
-    """One pass over `setup.data` in `order` (a permutation of its indices, on its device), from step `step`.
+def train_one_epoch(
+    setup: TrainSetup, order: torch.Tensor, so_far: EpochSoFar, *, step: int, stop_asked: Callable[[], bool] = lambda: False
+) -> int:
+    """Train the batches of `setup.data` in `order` (a permutation of its indices, on its device) from batch
+    `so_far.batches` on, as step `step` onwards, until the last or until stop_asked() after a step.
 
-    Updates the weight average after each step when there is one.
-    Returns (mean loss, accuracy, the next step number).
+    Adds the batches, losses and correct predictions to `so_far`, and updates the weight average
+    after each step when there is one. Returns the next step number.
     """
     data, config, augmenter, average = setup.data, setup.config, setup.augmenter, setup.average
-    # Running sums stay on the device: reading them every batch would force a sync.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=data.images.device)
+    # Running sums stay on the device: reading them every batch would force a sync. The loss sum
+    # goes on from the saved one rather than beside it, so that a resumed epoch sums the same way.
+    loss_sum = torch.tensor(so_far.loss_sum, dtype=torch.float64, device=data.images.device)
     correct = torch.zeros((), dtype=torch.int64, device=data.images.device)
-    for start in range(0, len(data), config.batch_size):
+    for start in range(so_far.batches * config.batch_size, len(data), config.batch_size):
         batch = order[start : start + config.batch_size]
         index = setup.world.shard(batch)  # this process's rows of the batch: all of them on one
         # index_select, not labels[index]: the same rows, several times faster on a CPU.
@@ -533,8 +614,13 @@ def train_one_epoch(setup: TrainSetup, order: torch.Tensor, *, step: int) -> tup
         loss_sum += loss.to(torch.float64) * len(batch)
         correct += (logits.argmax(dim=1) == labels).sum()
         step += 1
+        so_far.batches += 1
         setup.progress.batch_done(loss.item() if setup.progress.bar else None)
-    return loss_sum.item() / len(data), setup.world.total(correct).item() / len(data), step
+        if stop_asked():
+            break
+    so_far.loss_sum = loss_sum.item()
+    so_far.correct += int(setup.world.total(correct).item())
+    return step
 
 
 def finish(

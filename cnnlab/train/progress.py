@@ -24,11 +24,13 @@ class Progress:
         if not self.quiet:
             print(text, file=self.stream, flush=True)
 
-    def start_epoch(self, epoch: int, epochs: int, batches: int) -> None:
+    def start_epoch(self, epoch: int, epochs: int, batches: int, done: int = 0) -> None:
+        """Epoch `epoch` of `epochs` starts, or resumes with `done` of its `batches` already trained."""
         if self.bar and not self.quiet:
             from tqdm import tqdm
 
-            self._tqdm = tqdm(total=batches, desc=f"epoch {epoch}/{epochs}", file=self.stream, leave=False, unit="batch")
+            self._tqdm = tqdm(total=batches, initial=done, desc=f"epoch {epoch}/{epochs}", file=self.stream,
+                              leave=False, unit="batch")  # fmt: skip
 
     def batch_done(self, loss: float | None = None) -> None:
         if self._tqdm is not None:

@@ -88,7 +88,7 @@ def test_activations_give_mean_std_and_the_units_dead_on_every_image():
 
 def test_a_measured_epoch_trains_exactly_as_an_unmeasured_one(monkeypatch):
     from cnnlab.data.sources import load_splits
-    from cnnlab.train.loop import prepare, train_one_epoch
+    from cnnlab.train.loop import EpochSoFar, prepare, train_one_epoch
     from cnnlab.train.progress import Progress
 
     config = TrainConfig(epochs=1, batch_size=200, device="cpu")
@@ -100,9 +100,10 @@ def test_a_measured_epoch_trains_exactly_as_an_unmeasured_one(monkeypatch):
             monkeypatch.setattr(Diagnostics, "measured_step", lambda self, x, y, lr, batch=None: self.engine.train_step(x, y, lr, batch))
         torch.manual_seed(config.seed)
         setup = prepare(config, splits=splits, device=torch.device("cpu"), progress=Progress(quiet=True), resume=None)
+        so_far = EpochSoFar(setup.shuffle.get_state())
         order = torch.randperm(len(setup.data), generator=setup.shuffle)
-        loss, _, _ = train_one_epoch(setup, order, step=0)
-        results.append((loss, setup.engine.model.state_dict(), torch.get_rng_state(), setup.diagnostics.measured))
+        train_one_epoch(setup, order, so_far, step=0)
+        results.append((so_far.loss_sum, setup.engine.model.state_dict(), torch.get_rng_state(), setup.diagnostics.measured))
     (loss, weights, rng, figures), (plain_loss, plain_weights, plain_rng, _) = results
     assert loss == plain_loss and torch.equal(rng, plain_rng)
     assert all(torch.equal(weights[k], plain_weights[k]) for k in weights)

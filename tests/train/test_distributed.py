@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ TIMEOUT = 300  # seconds for one job, on a shared two-core machine
 
 # A rank's entry point for the jobs below that need a rank to misbehave: `cnnlab` itself, with
 # CNNLAB_RANK_SEED adding --seed RANK to one rank's command, and CNNLAB_KILL_AT making rank 1
-# kill itself (SIGKILL) at that batch of the job's first attempt. Each rank records its exit status.
+# kill itself (SIGKILL; CNNLAB_SIGNAL: that signal instead) at that batch of the job's first attempt.
+# Each rank records its exit status.
 RANK_ENTRY = """
 import os, signal, sys
 from cnnlab.cli import main
@@ -44,7 +46,7 @@ if kill_at and rank == "1" and attempt == "0":
         count[0] += 1
         if count[0] == kill_at:
             open(os.path.join(os.environ["CNNLAB_MARKS"], "killed"), "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), int(os.environ.get("CNNLAB_SIGNAL", signal.SIGKILL)))
         done(self, loss)
     Progress.batch_done = batch_done
 try:
@@ -143,6 +145,24 @@ def test_a_killed_rank_is_restarted_from_the_last_checkpoint(tmp_path, uninterru
     assert "continues from epoch 1" in job.stdout
     restarted, whole = weights(tmp_path / "killed"), weights(uninterrupted)
     assert all(torch.equal(restarted[k], whole[k]) for k in whole)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step_and_the_job_resumes_exactly(
+    tmp_path, uninterrupted
+):
+    # SIGTERM to rank 1 during the job's batch 60, the 10th of epoch 2: both ranks stop after it.
+    job = torchrun(
+        tmp_path, *AUGMENTED, "--epochs", "2", "--runs-dir", str(tmp_path), "--name", "stopped",
+        entry=rank_entry(tmp_path), CNNLAB_KILL_AT="60", CNNLAB_SIGNAL=str(int(signal.SIGTERM)),
+    )  # fmt: skip
+    marks = tmp_path / "marks"
+    assert [(marks / f"status-{rank}-0").read_text() for rank in (0, 1)] == ["143", "143"], job.stderr
+    last = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
+    assert (last.epoch, last.step, last.epoch_begun["batches"]) == (1, 60, 10)
+    resumed = torchrun(tmp_path, "--resume", str(tmp_path / "stopped"))
+    assert resumed.returncode == 0, resumed.stderr
+    finished, whole = weights(tmp_path / "stopped"), weights(uninterrupted)
+    assert all(torch.equal(finished[k], whole[k]) for k in whole)
 
 
 def test_ranks_with_different_options_are_refused_by_rank_0_alone(tmp_path):

@@ -157,17 +157,18 @@ def test_without_a_validation_split_the_latest_epoch_is_the_best(tmp_path):
 def test_one_epoch_takes_steps_per_epoch_steps_from_the_step_it_is_given():
     from cnnlab.config import TrainConfig
     from cnnlab.data.sources import load_splits
-    from cnnlab.train.loop import prepare, train_one_epoch
+    from cnnlab.train.loop import EpochSoFar, prepare, train_one_epoch
     from cnnlab.train.progress import Progress
 
     config = TrainConfig(epochs=2, batch_size=100, device="cpu")
     splits = load_splits("digits", None, config.val_fraction, config.seed)
     setup = prepare(config, splits=splits, device=torch.device("cpu"), progress=Progress(quiet=True), resume=None)
     assert setup.steps_per_epoch == -(-len(splits.train) // 100) and setup.total_steps == 2 * setup.steps_per_epoch
+    so_far = EpochSoFar(setup.shuffle.get_state())
     order = torch.randperm(len(setup.data), generator=setup.shuffle)
-    loss, accuracy, step = train_one_epoch(setup, order, step=setup.steps_per_epoch)
-    assert step == 2 * setup.steps_per_epoch
-    assert loss > 0 and 0 <= accuracy <= 1
+    step = train_one_epoch(setup, order, so_far, step=setup.steps_per_epoch)
+    assert step == 2 * setup.steps_per_epoch and so_far.batches == setup.steps_per_epoch
+    assert so_far.loss_sum > 0 and 0 <= so_far.correct <= len(setup.data)
 
 
 def resume_in_process(run_dir, epochs=None):
