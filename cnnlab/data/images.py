@@ -9,6 +9,7 @@ claims a gigantic size (a decompression bomb) is refused without allocating it.
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ from cnnlab.data.preprocess import Framing, frame
 from cnnlab.errors import CnnlabError
 
 MAX_PIXELS = 40_000_000  # 40 megapixels: larger than any camera photo a user would classify
+# Pillow warns on opening an image of more than its MAX_IMAGE_PIXELS (~89 MP), and refuses one of
+# twice that. cnnlab refuses anything past MAX_PIXELS right after reading the header, so the warning
+# would only be noise in a server's log or a user's terminal before the clear error.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 MAX_FILE_BYTES = 100 * 1024 * 1024
 # The formats Pillow may try. Not all it knows: some (EPS) run external programs on the data.
 FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF", "PPM")

@@ -1,4 +1,6 @@
 import struct
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -78,3 +80,20 @@ def test_a_header_past_pillows_own_bomb_limit_is_too_many_pixels_not_unreadable(
     with pytest.raises(ImageError) as refused:
         decode_image(png, (1, 28, 28))
     assert refused.value.reason == TOO_MANY_PIXELS and "pixels" in str(refused.value)
+
+
+def test_an_image_in_pillows_warning_band_is_refused_without_a_warning(tmp_path):
+    """Between Pillow's warning (~89 MP) and its refusal (~179 MP): cnnlab's one error, and nothing else printed,
+    even where warnings are errors."""
+    assert Image.MAX_IMAGE_PIXELS < 10_000 * 10_000 < 2 * Image.MAX_IMAGE_PIXELS
+    path = tmp_path / "big.png"
+    path.write_bytes(bomb_png(10_000, 10_000))
+    code = (
+        "import sys; from cnnlab.data.images import ImageError, decode_image\n"
+        "try:\n"
+        f"    decode_image(__import__('pathlib').Path({str(path)!r}).read_bytes(), (1, 28, 28))\n"
+        "except ImageError as exc:\n"
+        "    print(exc.reason)\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, TOO_MANY_PIXELS, "")
