@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 import cnnlab
@@ -216,6 +217,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.add_middleware(_Observe, service=service)
     app.add_exception_handler(Rejected, _rejected)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _no_such_route)
 
     @app.post("/v1/predict", openapi_extra=_PREDICT_BODY)
     async def predict(request: Request, top_k: int = Query(3, ge=1, description="classes per image")) -> dict:
@@ -260,6 +262,17 @@ async def _invalid(request: Request, exc: RequestValidationError) -> JSONRespons
     """FastAPI's validation errors (a bad top_k) in the same shape as every other refusal."""
     message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in exc.errors())
     return await _rejected(request, Rejected(BAD_REQUEST, message))
+
+
+async def _no_such_route(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The router's own refusals (an unknown path: 404; a method the route does not take: 405, with its Allow
+    header) in the shape of every other one. They are not inputs refused, so /metrics does not count them there."""
+    path = request.url.path
+    reason, message = {
+        404: ("not_found", f"no route {path}: the routes are listed at /docs"),
+        405: ("method_not_allowed", f"{path} does not take {request.method}: see /docs"),
+    }.get(exc.status_code, ("http_error", str(exc.detail)))
+    return JSONResponse({"error": message, "reason": reason}, exc.status_code, headers=exc.headers)
 
 
 class _Observe:

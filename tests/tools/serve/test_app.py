@@ -114,6 +114,17 @@ def test_a_bad_top_k_is_a_bad_request():
     assert "top_k" in response.json()["error"]
 
 
+def test_an_unknown_route_or_method_is_refused_in_the_same_shape():
+    with serving(FakeBackend()) as client:
+        missing, wrong = client.get("/v2/predict"), client.get("/v1/predict")
+        counted = client.get("/metrics").text
+    assert missing.status_code == 404
+    assert missing.json() == {"error": "no route /v2/predict: the routes are listed at /docs", "reason": "not_found"}
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json() == {"error": "/v1/predict does not take GET: see /docs", "reason": "method_not_allowed"}
+    assert "cnnlab_rejected_total{" not in counted  # not inputs refused
+
+
 def test_more_waiting_requests_than_max_pending_is_503_at_once():
     with serving(FakeBackend(), max_pending=1, window_ms=1000) as client:
         service = client.app.state.service
