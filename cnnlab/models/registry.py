@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
+from cnnlab.models.widths import with_widths
 
 # (in_shape, num_classes, dropout) -> model; dropout: the probability of the head's Dropout layers
 Builder = Callable[[tuple[int, int, int], int, float], nn.Sequential]
@@ -49,17 +50,21 @@ def get_model_spec(name: str) -> ModelSpec:
     return _MODELS[name]
 
 
-def create_model(name: str, in_shape: tuple[int, int, int], num_classes: int, *, dropout: float = 0.0) -> nn.Sequential:
+def create_model(
+    name: str, in_shape: tuple[int, int, int], num_classes: int, *, dropout: float = 0.0, widths: list[int] | None = None
+) -> nn.Sequential:
     """A freshly initialised model taking (N, *in_shape) float32 and giving (N, num_classes) logits.
 
     dropout: the probability of the Dropout layers in front of the classifier head's fully
     connected layers (`classifier_head`); 0 builds none, so the state_dict keys stay those of the plain model.
+    widths: a channel-pruned model's layer widths (cnnlab/models/widths.py); None: the registered ones.
     """
     if num_classes < 2:
         raise CnnlabError(f"a classifier needs at least 2 classes, the dataset has {num_classes}")
     if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
         raise CnnlabError(f"--dropout must be in [0, 1) (0 turns it off; 0.5 is typical), got {dropout}")
-    return get_model_spec(name).build(tuple(in_shape), num_classes, float(dropout))
+    model = get_model_spec(name).build(tuple(in_shape), num_classes, float(dropout))
+    return model if widths is None else with_widths(model, list(widths))
 
 
 def count_parameters(model: nn.Module) -> int:

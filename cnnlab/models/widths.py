@@ -4,7 +4,7 @@ A registered model is an `nn.Sequential` of standard layers (registry.py). Its
 *widths* are the output sizes of its Conv2d and Linear layers, in order, the last
 one (the class count) left out: [6, 16, 120, 84] for LeNet-5. Structured pruning
 removes channels and units, and a checkpoint records the widths it kept, so
-`with_widths(create_model(...), widths)` rebuilds the smaller model from its
+`create_model(..., widths=widths)` rebuilds the smaller model from its
 name alone, with no pickled module.
 """
 

@@ -34,6 +34,7 @@ from cnnlab.data.dataset import Normalization
 from cnnlab.data.preprocess import Framing
 from cnnlab.data.sources import get_source
 from cnnlab.errors import CnnlabError
+from cnnlab.models import create_model
 from cnnlab.train.calibrate import OodCheck, calibration_of
 from cnnlab.train.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
 
@@ -58,19 +59,31 @@ class ModelInfo:
     dropout: float = 0.0  # the model's Dropout layers shift its state_dict keys: create_model needs it
     framing: Framing | None = None
     ood: OodCheck | None = None
+    widths: tuple[int, ...] | None = None  # a channel-pruned model's layer widths (cnnlab/models/widths.py)
 
     @classmethod
     def of(cls, checkpoint: Checkpoint, test_accuracy: float | None) -> ModelInfo:
         """The checkpoint's description, with the framing and OOD check measured on its own data splits."""
         calibration = calibration_of(checkpoint)
+        widths = checkpoint.model.get("widths")
         return cls(checkpoint.model["name"], checkpoint.in_shape, checkpoint.classes, checkpoint.normalization,
                    checkpoint.dataset, test_accuracy, cnnlab.__version__, checkpoint.model.get("dropout", 0.0),
-                   calibration.framing, calibration.ood)  # fmt: skip
+                   calibration.framing, calibration.ood, None if widths is None else tuple(widths))  # fmt: skip
+
+    def build_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """The model these weights (model.safetensors' `state`) belong to, loaded, in eval mode, on the CPU."""
+        model = create_model(self.name, self.in_shape, len(self.classes), dropout=self.dropout, widths=self.widths)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:  # missing, unexpected or misshapen tensors: torch's message is a page long
+            raise CnnlabError(f"the weights do not fit the {self.name} that model.json describes: export them again") from None
+        return model.eval()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(in_shape=list(self.in_shape), classes=list(self.classes), normalization=self.normalization.to_dict(),
-                    framing=self.framing and self.framing.to_dict(), ood=self.ood and self.ood.to_dict())  # fmt: skip
+                    framing=self.framing and self.framing.to_dict(), ood=self.ood and self.ood.to_dict(),
+                    widths=self.widths and list(self.widths))  # fmt: skip
         return data
 
     @classmethod
@@ -84,7 +97,8 @@ class ModelInfo:
                        None if data.get("test_accuracy") is None else float(data["test_accuracy"]),
                        str(data["cnnlab_version"]), float(data.get("dropout", 0.0)),
                        None if data.get("framing") is None else Framing.from_dict(data["framing"]),
-                       None if data.get("ood") is None else OodCheck.from_dict(data["ood"]))  # fmt: skip
+                       None if data.get("ood") is None else OodCheck.from_dict(data["ood"]),
+                       None if data.get("widths") is None else tuple(int(w) for w in data["widths"]))  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise CnnlabError(f"{origin} does not describe a cnnlab model ({exc}): export it again with `cnnlab export`") from None
 
@@ -184,7 +198,7 @@ def _torchscript_bytes(model: nn.Module, example: torch.Tensor, info: ModelInfo)
 
 
 def _safetensors_bytes(model: nn.Module, example: torch.Tensor, info: ModelInfo) -> bytes:
-    """The state_dict as safetensors; with model.json, `create_model(name, in_shape, len(classes), dropout=dropout)` rebuilds it."""
+    """The state_dict as safetensors; with model.json, `ModelInfo.build_model` rebuilds the model."""
     from safetensors.torch import save
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

@@ -33,7 +33,6 @@ from cnnlab.atomicfile import atomic_copy, atomic_write_bytes, atomic_write_text
 from cnnlab.data.dataset import Normalization
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
-from cnnlab.models.widths import with_widths
 
 FORMAT_VERSION = 1
 _FORMAT_KEY = "cnnlab_checkpoint"
@@ -74,11 +73,8 @@ class Checkpoint:
 
     def build_model(self) -> nn.Module:
         """The model with the checkpoint's weights, on the CPU, in eval mode."""
-        model = create_model(
-            self.model["name"], self.in_shape, self.model["num_classes"], dropout=self.model.get("dropout", 0.0)
-        )
-        if self.model.get("widths") is not None:  # channel-pruned: fewer channels and units than registered
-            model = with_widths(model, self.model["widths"])
+        model = create_model(self.model["name"], self.in_shape, self.model["num_classes"],
+                             dropout=self.model.get("dropout", 0.0), widths=self.model.get("widths"))  # fmt: skip
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in self.model_state.items()}
         if expected != found:

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from cnnlab.cli import main
 from cnnlab.data.sources import load_splits
 from cnnlab.errors import CnnlabError
-from cnnlab.models import create_model
 from cnnlab.tools.export import FORMATS, ModelInfo, export_run
 from cnnlab.train.checkpoint import load_checkpoint
 
@@ -76,8 +75,7 @@ def test_torch_export_and_torchscript_load_and_match(exported, reference):
 def test_safetensors_and_model_json_rebuild_the_model(exported, reference):
     _, x, logits = reference
     info = ModelInfo.from_dict(json.loads((exported.out / "model.json").read_text()), "model.json")
-    model = create_model(info.name, info.in_shape, len(info.classes)).eval()
-    model.load_state_dict(load_file(exported.out / "model.safetensors"))
+    model = info.build_model(load_file(exported.out / "model.safetensors"))
     with torch.inference_mode():
         assert torch.equal(model(x), logits)
 

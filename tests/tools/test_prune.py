@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from cnnlab.cli import main
 from cnnlab.models import create_model
 from cnnlab.models.widths import layer_widths, with_widths
 from cnnlab.tools import latency
+from cnnlab.tools.export import ModelInfo
 from cnnlab.tools.prune import narrowed
 from cnnlab.train.checkpoint import load_checkpoint
 
@@ -55,6 +57,12 @@ def test_channel_pruning_makes_a_smaller_model_that_evaluate_predict_and_export_
     assert main(["export", str(out), "--format", "onnx,safetensors", "--json"]) == 0
     check = json.loads((out / "export" / "model.onnx.check.json").read_text())
     assert check["top1_agreement"] == 1.0
+    info = ModelInfo.from_dict(json.loads((out / "export" / "model.json").read_text()), "model.json")
+    assert info.widths == (3, 8, 60, 42)
+    rebuilt = info.build_model(load_file(out / "export" / "model.safetensors"))  # from the exported files alone
+    x = torch.randn(4, *info.in_shape)
+    with torch.inference_mode():
+        assert torch.equal(rebuilt(x), checkpoint.build_model()(x))
 
 
 def test_narrowing_removes_the_weakest_channels_and_the_inputs_that_read_them() -> None:
