@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 import cnnlab
-from cnnlab.backprop.penalty import L1Penalty
 from cnnlab.config import TrainConfig
 from cnnlab.data.dataset import DatasetSplits, ImageDataset, Normalization
 from cnnlab.data.sources import load_splits, normalization_for
@@ -502,8 +501,8 @@ def validate_epoch(
         "seconds": so_far.seconds,
         "images_per_s": n / so_far.seconds,
     }
-    if config.l1:  # the penalty at the epoch's end (trained) weights, as the loss adds it: lambda * sum |w|
-        row["l1_penalty"] = L1Penalty(config.l1, dict(setup.engine.model.named_parameters())).forward().item()
+    if setup.engine.step.penalty is not None:  # the term the loss adds, at the epoch's end weights (frozen ones left out)
+        row["l1_penalty"] = setup.engine.step.penalty.forward().item()
     return row
 
 

@@ -105,6 +105,15 @@ def test_the_l1_column_is_lambda_times_the_sum_of_absolute_weights(tmp_path):
     assert float(row["l1_penalty"]) == pytest.approx(expected, rel=1e-5)
     assert train(tmp_path, "plain", "--epochs", "1") == 0
     assert "l1_penalty" not in rows(tmp_path / "plain")[0]
+    # With frozen layers, the column is the term the loss adds: over the trained weights only.
+    assert train(tmp_path, "frozen", "--epochs", "1", "--l1", "0.001", "--init-from", str(tmp_path / "r"),
+                 "--freeze", "features") == 0  # fmt: skip
+    (row,) = rows(tmp_path / "frozen")
+    tuned = load_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt").model_state
+    trained = [w for key, w in tuned.items() if w.dim() > 1 and not torch.equal(w, weights[key])]
+    assert 0 < len(trained) < sum(w.dim() > 1 for w in tuned.values())
+    expected = 0.001 * sum(float(w.double().abs().sum()) for w in trained)
+    assert float(row["l1_penalty"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_dropout_model_is_rebuilt_by_evaluate_and_export(tmp_path, capsys):
