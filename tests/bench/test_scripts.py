@@ -144,10 +144,14 @@ def test_alternate_takes_turns_in_alternating_order_after_one_warm_up_each(monke
     assert [len(s) for s in seconds.values()] == [3, 3] and all(t >= 0 for s in seconds.values() for t in s)
 
 
-def test_precision_compares_fp32_and_bf16_speed_and_accuracy_per_model(tmp_path):
-    results, stdout = run_quick("precision.py", tmp_path / "precision.json", "--dataset", "digits", "--models", "simple_cnn")
-    rows = results["models"]["simple_cnn"]
-    assert set(rows) == {"fp32", "bf16"} and rows["fp32"]["speed_vs_fp32"] == 1.0
-    for row in rows.values():
-        assert row["images_per_s"] > 0 and 0 <= row["test_accuracy"] <= 1 and row["speed_vs_fp32"] > 0
-    assert "simple_cnn bf16" in " ".join(stdout.split())
+def test_precision_compares_cnnlab_and_plain_loops_in_fp32_and_bf16_per_model(tmp_path):
+    results, stdout = run_quick("precision.py", tmp_path / "precision.json", "--dataset", "digits",
+                                "--models", "simple_cnn,lenet5_bn")  # fmt: skip
+    for model in ("simple_cnn", "lenet5_bn"):
+        rows = results["models"][model]
+        assert set(rows) == {f"{loop} {p}" for loop in ("cnnlab", "plain", "plain-cl") for p in ("fp32", "bf16")}
+        assert rows["cnnlab fp32"]["speed_vs_cnnlab_fp32"] == 1.0
+        for row in rows.values():
+            assert row["images_per_s"] > 0 and row["speed_vs_cnnlab_fp32"] > 0
+            assert 0 <= row["test_accuracy"] <= 1
+    assert "lenet5_bn plain-cl bf16" in " ".join(stdout.split())
