@@ -170,7 +170,8 @@ class TrainConfig:
             raise CnnlabError(f"unknown precision '{self.precision}': choose one of {', '.join(PRECISIONS)}")
         if self.precision != "fp32" and self.engine == "manual":
             raise CnnlabError(
-                f"--precision {self.precision} needs --engine autograd: the manual engine's hand-written layers compute in fp32"
+                f"--precision {self.precision} needs --engine autograd: the manual engine's hand-written layers compute "
+                "in fp32, so train with --precision fp32 (which overrides a tuned recipe's bf16)"
             )
         if self.device in ("cpu", "mps") or self.device.startswith("cuda"):
             check_precision(self.precision, self.device.partition(":")[0])
