@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
 
@@ -36,9 +34,7 @@ from cnnlab.config import OptimConfig, TrainConfig
 from cnnlab.data.sources import load_splits, normalization_for
 from cnnlab.engine import make_engine
 from cnnlab.models import create_model
-from harness import (
-    ROOT, alternate, bench_parser, default_dataset, results_path, train_batches, write_docs, write_results,
-)
+from harness import ROOT, alternate, docs_table_bench, train_batches
 
 DOCS = ROOT / "docs" / "backprop.md"
 BEGIN, END = "<!-- bench:engines:begin (written by bench/engines.py) -->", "<!-- bench:engines:end -->"
@@ -118,21 +114,9 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=Path, help=f"Markdown file for the table (default {DOCS.relative_to(ROOT)}; "
-                        "not written with --quick unless given)")  # fmt: skip
-    args = parser.parse_args(argv)
-    started = time.time()
-    steps, rounds = (3, 3) if args.quick else (10, 15)
-    figures = measure(args.dataset or default_dataset(), steps, rounds)
-    results = write_results(results_path("engines", args.quick, args.out), {**figures, "quick": args.quick}, started)
-    table = markdown(results)
-    print(table)
-    docs = args.docs or (None if args.quick else DOCS)
-    if docs is not None:
-        write_docs(docs, table, BEGIN, END)
-    return 0 if args.quick or results["ratio"] >= FLOOR_RATIO else 1
-
+    results = docs_table_bench(argv, description=__doc__.splitlines()[0], name="engines", measure=measure,
+                               markdown=markdown, sizes=((3, 3), (10, 15)), docs=DOCS, markers=(BEGIN, END))  # fmt: skip
+    return 0 if results["quick"] or results["ratio"] >= FLOOR_RATIO else 1
 
 if __name__ == "__main__":
     sys.exit(main())

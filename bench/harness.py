@@ -442,3 +442,35 @@ def write_docs(path: Path, table: str, begin: str, end: str) -> None:
     _, tail = rest.split(end, 1)
     atomic_write_text(path, f"{head}{begin}\n{table}\n{end}{tail}")
     print(f"table written into {path}")
+
+
+def docs_table_bench(
+    argv: list[str] | None,
+    *,
+    description: str,
+    name: str,
+    measure: Callable[[str, int, int], dict],
+    markdown: Callable[[dict], str],
+    sizes: tuple[tuple[int, int], tuple[int, int]],
+    docs: Path,
+    markers: tuple[str, str],
+) -> dict:
+    """The main of a benchmark whose Markdown table lives in a docs page: parse the common options and --docs,
+    measure(dataset, steps, rounds) with sizes' (steps, rounds) for --quick and for a real run, write the results
+    JSON, print the table, and write it between the docs page's `markers` (not with --quick unless --docs is
+    given). Returns the results written."""
+    parser = bench_parser(description)
+    parser.add_argument("--docs", type=Path, help=f"Markdown file for the table (default {docs.relative_to(ROOT)}; "
+                        "not written with --quick unless given)")  # fmt: skip
+    args = parser.parse_args(argv)
+    started = time.time()
+    steps, rounds = sizes[0] if args.quick else sizes[1]
+    figures = measure(args.dataset or default_dataset(), steps, rounds)
+    results = write_results(results_path(name, args.quick, args.out), {**figures, "quick": args.quick}, started)
+    table = markdown(results)
+    print(table)
+    target = args.docs or (None if args.quick else docs)
+    if target is not None:
+        write_docs(target, table, *markers)
+    return results
+
