@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import ctypes
 import json
 import math
 import os
@@ -206,13 +207,28 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=float, required=True)
     parser.add_argument("--duration", type=float, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parent", type=int, help="the bench's process id: the generator ends when it does")
     args = parser.parse_args(argv)
+    if args.parent is not None:
+        die_with(args.parent)
     images = json.loads(args.images.read_text())
     requests = [(multipart_request(args.path, args.port, base64.b64decode(png)), label)
                 for png, label in zip(images["png"], images["labels"])]  # fmt: skip
     figures = asyncio.run(generate_load(requests, args.port, args.clients, args.warmup, args.duration))
     args.out.write_text(json.dumps(figures))
     return 0
+
+
+def die_with(parent: int) -> None:
+    """Have Linux send this process SIGTERM when its parent, the bench, dies; exit now if it already has.
+
+    The bench stops what it started in `finally` blocks, but a SIGTERM that lands while Popen is
+    still starting the generator (forked, Popen not yet returned) leaves it unknown to them."""
+    if sys.platform == "linux":
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the bench died before the line above
+        sys.exit(143)
 
 
 # The servers
@@ -360,7 +376,8 @@ def one_window(server: Server, images: Path, clients: int, warmup: float, durati
     out = scratch / f"window-{server.key}-{time.monotonic_ns()}.json"
     command = [sys.executable, str(Path(__file__).resolve()), "generate", "--port", str(server.port),
                "--path", server.path, "--images", str(images), "--clients", str(clients),
-               "--warmup", str(warmup), "--duration", str(duration), "--out", str(out)]  # fmt: skip
+               "--warmup", str(warmup), "--duration", str(duration), "--out", str(out),
+               "--parent", str(os.getpid())]  # fmt: skip
     server.check_alive()
     rss_before, cpu_before, started = rss_mb(server.process.pid), cpu_seconds(server.process.pid), time.monotonic()
     # subprocess.run kills the generator if it overruns
