@@ -259,8 +259,7 @@ RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     # peak (one-cycle), batch 128, weight decay 5e-4, random 2-pixel shifts and mirrored images,
     # label smoothing 0.1. bf16 autocast trains ~1.9x fp32's images per second on a CPU with
     # bf16 instructions (bench/precision.py); on one without, pass --precision fp32. Test
-    # accuracy 94.31% in 23 minutes of training on 2 cores (seed 0; 94.46% in a run of the same
-    # flags before channels-last). docs/performance.md has the runs.
+    # accuracy 94.31% in 23 minutes of training on 2 cores (seed 0). docs/performance.md has the run.
     ("resnet20", "fashion-mnist"): {
         "epochs": 30, "precision": "bf16", "label_smoothing": 0.1, "augment": {"crop_padding": 2, "flip": True},
     },

@@ -35,7 +35,7 @@ from cnnlab.data.preprocess import Framing
 from cnnlab.data.sources import get_source
 from cnnlab.errors import CnnlabError
 from cnnlab.models import create_model
-from cnnlab.train.calibrate import OodCheck, calibration_of
+from cnnlab.train.calibrate import Calibration, OodCheck, calibration_of
 from cnnlab.train.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint_path
 
 FORMATS = ("onnx", "pt2", "torchscript", "safetensors")
@@ -82,13 +82,13 @@ class ModelInfo:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(in_shape=list(self.in_shape), classes=list(self.classes), normalization=self.normalization.to_dict(),
-                    framing=self.framing and self.framing.to_dict(), ood=self.ood and self.ood.to_dict(),
-                    widths=self.widths and list(self.widths))  # fmt: skip
+                    **Calibration(self.framing, self.ood).to_dict(), widths=self.widths and list(self.widths))  # fmt: skip
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str) -> ModelInfo:
         try:
+            calibration = Calibration.from_dict(data)
             in_shape = tuple(int(v) for v in data["in_shape"])
             if len(in_shape) != 3 or min(in_shape) < 1:
                 raise ValueError(f"in_shape {in_shape}")
@@ -96,8 +96,7 @@ class ModelInfo:
                        Normalization.from_dict(data["normalization"]), str(data["dataset"]),
                        None if data.get("test_accuracy") is None else float(data["test_accuracy"]),
                        str(data["cnnlab_version"]), float(data.get("dropout", 0.0)),
-                       None if data.get("framing") is None else Framing.from_dict(data["framing"]),
-                       None if data.get("ood") is None else OodCheck.from_dict(data["ood"]),
+                       calibration.framing, calibration.ood,
                        None if data.get("widths") is None else tuple(int(w) for w in data["widths"]))  # fmt: skip
         except (KeyError, TypeError, ValueError) as exc:
             raise CnnlabError(f"{origin} does not describe a cnnlab model ({exc}): export it again with `cnnlab export`") from None

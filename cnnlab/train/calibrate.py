@@ -124,9 +124,10 @@ def measure(checkpoint: Checkpoint, model: nn.Module, splits: DatasetSplits) -> 
     framing = measure_framing(splits.train.images.cpu())
     if not len(splits.val):
         return Calibration(framing, None)
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        probabilities = torch.cat([model(checkpoint.normalization.apply(images.to(next(model.parameters()).device)))
-                                   .softmax(dim=1).cpu() for images in splits.val.images.split(1024)])  # fmt: skip
+        probabilities = torch.cat([model(checkpoint.normalization.apply(images.to(device))).softmax(dim=1).cpu()
+                                   for images in splits.val.images.split(1024)])  # fmt: skip
     return Calibration(framing, calibrate_ood(probabilities))
 
 

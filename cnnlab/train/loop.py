@@ -91,7 +91,7 @@ class EpochSoFar:
     mid-epoch keeps so that the resumed run draws the same order and skips the batches already trained.
     """
 
-    shuffle: torch.Tensor
+    shuffle: torch.Tensor | None = None
     batches: int = 0
     loss_sum: float = 0.0
     correct: int = 0
@@ -101,8 +101,8 @@ class EpochSoFar:
         return {"batches": self.batches, "loss_sum": self.loss_sum, "correct": self.correct, "seconds": self.seconds}
 
     @classmethod
-    def of(cls, checkpoint: Checkpoint, shuffle: torch.Tensor) -> EpochSoFar | None:
-        """The epoch `checkpoint` stopped inside (None: it was saved at an epoch's end); `shuffle`: its saved state."""
+    def of(cls, checkpoint: Checkpoint) -> EpochSoFar | None:
+        """The epoch `checkpoint` stopped inside (None: it was saved at an epoch's end)."""
         begun = checkpoint.epoch_begun
         if begun is None:
             return None
@@ -110,7 +110,7 @@ class EpochSoFar:
             batches, correct = begun["batches"], begun["correct"]
             if type(batches) is not int or type(correct) is not int or batches < 1:  # noqa: E721
                 raise TypeError("batches and correct must be whole numbers")
-            return cls(shuffle, batches, float(begun["loss_sum"]), correct, float(begun["seconds"]))
+            return cls(None, batches, float(begun["loss_sum"]), correct, float(begun["seconds"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise CnnlabError(f"{checkpoint.source}'s record of the epoch in progress is malformed ({exc}): it is corrupt") from None
 
@@ -455,7 +455,7 @@ def restore(setup: TrainSetup, *, resume: Checkpoint, run: RunDirectory) -> RunS
     rows = [r for r in run.read_metrics() if r["epoch"] <= resume.epoch]
     best_accuracy = max((r["val_accuracy"] for r in rows), default=-1.0)
     state = state_at(resume, rows=rows, best_accuracy=best_accuracy)
-    state.begun = EpochSoFar.of(resume, rng["shuffle"])
+    state.begun = EpochSoFar.of(resume)
     return state
 
 
@@ -472,7 +472,8 @@ def state_at(checkpoint: Checkpoint, *, rows: list[dict[str, float]], best_accur
 def train_epoch(setup: TrainSetup, state: RunState, *, epoch: int, stop_asked: Callable[[], bool]) -> EpochSoFar:
     """Train epoch `epoch`, from where `state.begun` left it when a run resumes mid-epoch, until its last batch or
     until stop_asked() after a step; moves `state.step` on and returns how far the epoch came."""
-    so_far, state.begun = state.begun or EpochSoFar(setup.shuffle.get_state()), None
+    so_far, state.begun = state.begun or EpochSoFar(), None
+    so_far.shuffle = setup.shuffle.get_state()  # after a resume mid-epoch, the saved state: restore() put it back
     setup.progress.start_epoch(epoch, setup.config.epochs, setup.steps_per_epoch, done=so_far.batches)
     started = time.perf_counter()
     setup.engine.model.train()
