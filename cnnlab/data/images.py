@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -70,21 +72,45 @@ def decode_image(
     resized to H x W with bilinear filtering, as the dataset readers do. `name` says which
     image in error messages. Raises ImageError before decoding when the header
     claims more than `max_pixels` pixels, and when `data` is not a readable image.
+    The two steps are `open_image` and `image_input`, for a caller that looks at the
+    header in between (the server, which decodes small images on its event loop).
     """
+    return image_input(open_image(data, name, max_pixels), in_shape, name, framing)
+
+
+def open_image(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`data`'s header read, and its pixel count checked against `max_pixels`: nothing is decoded yet."""
+    with _as_image_errors(name, max_pixels):
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+        if image.width * image.height > max_pixels:
+            size = f"{image.width}x{image.height}"
+            image.close()
+            raise ImageError(f"{name} is {size} pixels, over the {max_pixels:,} pixel limit: shrink it first",
+                             TOO_MANY_PIXELS)  # fmt: skip
+    return image
+
+
+def image_input(image: Image.Image, in_shape: tuple[int, int, int], name: str = "upload",
+                framing: Framing | None = None) -> torch.Tensor:  # fmt: skip
+    """An image from `open_image`, decoded, as (C, H, W) uint8 for `in_shape` (see `decode_image`); closes it."""
     channels, height, width = in_shape
-    if channels not in (1, 3):
-        raise CnnlabError(f"the model takes {channels}-channel images; cnnlab converts images to 1 or 3 channels only")
+    with image, _as_image_errors(name, image.width * image.height):
+        if channels not in (1, 3):
+            raise CnnlabError(f"the model takes {channels}-channel images; cnnlab converts images to 1 or 3 channels only")
+        converted = image.convert("L" if channels == 1 else "RGB")
+        if channels == 1 and framing is not None:
+            pixels = frame(converted, framing, (height, width))
+        else:
+            pixels = np.asarray(converted.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+    tensor = torch.from_numpy(pixels.copy())
+    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()
+
+
+@contextmanager
+def _as_image_errors(name: str, max_pixels: int) -> Iterator[None]:
+    """Pillow's many ways of saying an image cannot be read, as ImageError."""
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as image:  # reads the header only
-            if image.width * image.height > max_pixels:
-                size = f"{image.width}x{image.height}"
-                message = f"{name} is {size} pixels, over the {max_pixels:,} pixel limit: shrink it first"
-                raise ImageError(message, TOO_MANY_PIXELS)
-            converted = image.convert("L" if channels == 1 else "RGB")
-            if channels == 1 and framing is not None:
-                pixels = frame(converted, framing, (height, width))
-            else:
-                pixels = np.asarray(converted.resize((width, height), Image.BILINEAR), dtype=np.uint8)
+        yield
     except Image.DecompressionBombError:  # Pillow's own limit, checked while opening: past twice its MAX_IMAGE_PIXELS
         raise ImageError(f"{name} claims more than {max_pixels:,} pixels: shrink it first", TOO_MANY_PIXELS) from None
     except UnidentifiedImageError:  # Pillow's message names the BytesIO object, which says nothing to a user
@@ -93,5 +119,3 @@ def decode_image(
     # Pillow reports corrupt data through all of these, depending on the format and where the damage is.
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"cannot read image {name}: {exc}", NOT_AN_IMAGE) from None
-    tensor = torch.from_numpy(pixels.copy())
-    return tensor.unsqueeze(0) if channels == 1 else tensor.permute(2, 0, 1).contiguous()

@@ -20,7 +20,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -167,8 +170,11 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, info: ModelInfo) -> byte
     """The model as ONNX (opset of torch's exporter), input "images" (N, C, H, W), output "logits" (N, K)."""
     import onnx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's progress notes are not the user's business
+    # The exporter's progress notes (warnings, and log lines such as "torchvision is not installed") are not the
+    # user's business.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    with warnings.catch_warnings(), _quieted(registration):
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
                                     dynamic_shapes=_batch_axis(), verbose=False)  # fmt: skip
     proto = program.model_proto
@@ -176,6 +182,17 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, info: ModelInfo) -> byte
     proto.doc_string = f"cnnlab {info.cnnlab_version}: {info.name} trained on {info.dataset}"
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
+
+
+@contextmanager
+def _quieted(logger: logging.Logger) -> Iterator[None]:
+    """`logger` shows errors only, for the duration."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _pt2_bytes(model: nn.Module, example: torch.Tensor, info: ModelInfo) -> bytes:

@@ -104,3 +104,16 @@ def test_a_light_framing_keeps_dark_ink_on_white():
     rows, cols = np.flatnonzero((out < 128).any(axis=1)), np.flatnonzero((out < 128).any(axis=0))
     assert rows[-1] - rows[0] + 1 == 14 and cols[-1] - cols[0] + 1 == 7  # longer side 0.5 of 28, aspect kept
     assert abs((rows[0] + rows[-1]) / 2 - 13.5) <= 0.5 and abs((cols[0] + cols[-1]) / 2 - 13.5) <= 0.5
+
+
+def test_the_fast_helpers_of_frame_give_what_numpy_gives():
+    from cnnlab.data.preprocess import _array, _median
+
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 104, 105):
+        values = rng.integers(0, 256, n).astype(np.float32)
+        assert _median(values) == float(np.median(values))
+    grey = rng.integers(0, 256, (5, 7)).astype(np.uint8)
+    assert np.array_equal(_array(Image.fromarray(grey)), grey) and _array(Image.fromarray(grey)).dtype == np.uint8
+    floats = rng.random((5, 7)).astype(np.float32)
+    assert np.array_equal(_array(Image.fromarray(floats)), floats)
