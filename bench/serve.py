@@ -2,8 +2,9 @@
 
     (a) seed tutorial  bench/seed_serve.py: Flask's threaded server, PIL and hand-written
                        transforms, eager `model(x)` per request
-    (b) cnnlab serve   `python -m cnnlab serve RUN`: FastAPI and uvicorn, micro-batches,
-                       ONNX Runtime
+    (b) cnnlab serve   `python -m cnnlab serve RUN --workers N`: FastAPI and uvicorn,
+                       micro-batches, ONNX Runtime, N worker processes (default: one per
+                       logical CPU)
 
 Both load the same trained run (`--run`, or a LeNet-5 trained on digits for 3 epochs at
 the start) and run at once, each in a process of its own on 127.0.0.1. A closed loop of
@@ -21,12 +22,13 @@ environment), so that a change to the server is measured side by side with what 
 changed, under the same load on the same host at the same time.
 
 Per server: requests/s, latency p50/p95/p99 (pooled over the rounds), errors (non-200
-answers and exceptions), top-1 accuracy of the answers, server RSS (VmRSS) before the
-first window and after the last, its CPU per request; ratios b/a (and b/c) of
+answers and exceptions), top-1 accuracy of the answers, server RSS (VmRSS, summed over
+its processes) before the first window and after the last, its CPU per request (all its
+processes); ratios b/a (and b/c) of
 requests/s and p99, pooled and per round.
 
-    python bench/serve.py [--run RUN] [--clients 64] [--duration 60] [--rounds 2] [--soak S] [--baseline REF]
-                          [--quick] [--out PATH]
+    python bench/serve.py [--run RUN] [--clients 64] [--duration 60] [--rounds 2] [--soak S] [--workers N]
+                          [--baseline REF] [--quick] [--out PATH]
 
 Results go to bench/results/serve.json (a --quick run's to the temporary folder).
 """
@@ -240,24 +242,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (a server's workers), from /proc's children lists."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        try:
+            for task in Path(f"/proc/{pids[index]}/task").iterdir():
+                pids += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # gone meanwhile
+            pass
+        index += 1
+    return pids
+
+
 def rss_mb(pid: int) -> float | None:
-    """Resident memory of process `pid` (VmRSS) in MiB; None where /proc does not say."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
+    """Resident memory (VmRSS) of process `pid` and its children, summed, in MiB; None where /proc does not say."""
+    total = None
+    for each in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{each}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total = (total or 0) + int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return None if total is None else round(total, 1)
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process `pid` so far (utime and stime of /proc/PID/stat)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of process `pid` and its children (utime and stime of /proc/PID/stat)."""
+    total = None
+    for each in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total = (total or 0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 class Server:
@@ -472,7 +492,8 @@ def markdown(results: dict) -> str:
         f"Measured {results['date']} on {machine['cpu']} ({machine['logical_cpus']} logical CPUs, torch "
         f"{machine['torch']}, Python {machine['python']}); load average {results['load_average']['before']} before, "
         f"{results['load_average']['after']} after. Command: `{results['command']}`. {results['model']} trained on "
-        f"{results['dataset']}; {results['clients']} concurrent keep-alive clients in a closed loop, "
+        f"{results['dataset']}; cnnlab serve with {results['workers']} worker process"
+        f"{'es' if results['workers'] > 1 else ''}; {results['clients']} concurrent keep-alive clients in a closed loop, "
         f"{results['duration_s']:g} s per server per round after {results['warmup_s']:g} s of warm-up, "
         f"{results['rounds']} rounds ({', '.join(' '.join(o) for o in results['order'])}); "
         "latencies pooled over the rounds."
@@ -521,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="rounds, each server once per round (default 2)")
     parser.add_argument("--soak", type=float, metavar="S", help="a long run for memory growth: S seconds per "
                         "server in one round (300 or more to see a leak)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="cnnlab serve's worker processes (default: one per logical CPU)")
     parser.add_argument("--baseline", metavar="REF", help="also serve with cnnlab as of git commit REF, as server (c), "
                         "to measure a change side by side")  # fmt: skip
     args = parser.parse_args(argv)
@@ -533,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or defaults["rounds"]
     if not (1 <= clients <= 1024 and 0 < duration <= 3600 and 0 <= warmup <= 60 and 1 <= rounds <= 20):
         parser.error("--clients 1..1024, --duration/--soak 0..3600 s, --warmup 0..60 s, --rounds 1..20")
+    if not 1 <= args.workers <= 64:
+        parser.error("--workers 1..64")
     if args.run is not None and not args.run.exists():
         parser.error(f"--run {args.run} does not exist")
     out = results_path("serve", args.quick, args.out)
@@ -547,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         contenders = list(SERVERS)
         commands = {
             "seed_flask": [sys.executable, str(BENCH / "seed_serve.py"), str(run), "--port", str(free_port())],
-            "cnnlab": [sys.executable, "-m", "cnnlab", "serve", str(run), "--port", str(free_port())],
+            "cnnlab": [sys.executable, "-m", "cnnlab", "serve", str(run), "--port", str(free_port()),
+                       "--workers", str(args.workers)],
         }
         roots = {"baseline": checkout(args.baseline, scratch / "baseline")} if args.baseline else {}
         if args.baseline:
@@ -588,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         "dataset": images["dataset"],
         "images": len(images["png"]),
         "clients": clients,
+        "workers": args.workers,
         "duration_s": duration,
         "warmup_s": warmup,
         "rounds": rounds,

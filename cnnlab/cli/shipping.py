@@ -37,6 +37,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-body-mb", type=float, default=5.0, help="largest request body, MiB; default 5")
     serve.add_argument("--max-pending", type=int, default=256, help="requests waiting before 503; default 256")
     serve.add_argument("--log", type=Path, metavar="FILE", help="append one JSON line per request to FILE")
+    serve.add_argument("--workers", type=int, default=1, help="server processes sharing the port; default 1 "
+                       "(2 or more: decoding runs on every core, and /metrics adds the workers up)")  # fmt: skip
     serve.set_defaults(handler=_serve)
 
 
@@ -66,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
         from cnnlab.tools.serve.server import serve
 
         settings = Settings(max_batch=args.max_batch, window_ms=args.window_ms, max_body_mb=args.max_body_mb,
-                            max_pending=args.max_pending, log=args.log)  # fmt: skip
+                            max_pending=args.max_pending, log=args.log, workers=args.workers)  # fmt: skip
         serve(args.model, args.backend, args.host, args.port, settings)
     return 0
 

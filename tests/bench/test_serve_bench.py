@@ -2,6 +2,7 @@
 and the results file holds what its table reads. The figures of a quick run mean nothing."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +28,8 @@ def test_serve_bench_loads_both_servers_in_turns_without_errors(trained_run, tmp
     assert "serve.py" in results["command"] and "--quick" in results["command"]
     assert results["order"] == [["seed_flask", "cnnlab"], ["cnnlab", "seed_flask"]]  # turns, a b then b a
     assert set(results["servers"]) == {"seed_flask", "cnnlab"}
+    cnnlab_command = results["servers"]["cnnlab"]["command"]
+    assert cnnlab_command[cnnlab_command.index("--workers") + 1] == str(results["workers"]) == str(os.cpu_count())
     for server in results["servers"].values():
         assert server["requests"] > 0 and server["requests_per_s"] > 0
         assert server["errors"]["non_200"] == 0 and server["errors"]["exceptions"] == 0, server["errors"]
@@ -51,6 +54,16 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def descendants(pid: int) -> set[int]:
+    found = children(pid)
+    for child in list(found):
+        try:
+            found |= descendants(child)
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -60,7 +73,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from /proc")
-def test_a_terminated_bench_stops_both_servers(trained_run, tmp_path):
+def test_a_terminated_bench_stops_both_servers_and_their_workers(trained_run, tmp_path):
     command = [sys.executable, "bench/serve.py", "--quick", "--duration", "60", "--run", str(trained_run),
                "--out", str(tmp_path / "serve.json")]  # fmt: skip
     bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -70,6 +83,8 @@ def test_a_terminated_bench_stops_both_servers(trained_run, tmp_path):
                 break
         servers = children(bench.pid)
         assert len(servers) >= 2 and all(alive(pid) for pid in servers)
+        servers = descendants(bench.pid)  # cnnlab serve's worker processes too
+        assert len(servers) >= 2 + os.cpu_count()
         bench.terminate()
         assert bench.wait(timeout=60) != 0
     finally:

@@ -2,11 +2,12 @@
 
 POST /v1/predict    images (multipart field `file`, repeatable, or a raw image/* body) -> top-k classes
 GET  /v1/model      what the model is: classes, input, normalization, test accuracy, backend, sha256
-GET  /healthz       the process answers;  GET /readyz  the model is loaded and warmed up (503 before)
+GET  /healthz       the process answers;  GET /readyz  the model is loaded and warmed up, in every worker
+                    process (503 before)
 GET  /metrics       Prometheus text format (metrics.py);  GET /docs  OpenAPI;  GET /  a page
 
 A request body is counted while it is read, whatever its Content-Length says,
-and images are decoded by `cnnlab.data.images.decode_image`, the code path of
+and images are decoded by `cnnlab.data.images` (open_image, then image_input), the code path of
 `cnnlab predict`, which checks the pixel count in the header before decoding and
 frames each image as the training images were (cnnlab/data/preprocess.py). Each
 prediction carries `out_of_distribution`, the model's calibrated flag for inputs
@@ -30,13 +31,14 @@ import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 import cnnlab
-from cnnlab.data.images import MAX_PIXELS, NOT_AN_IMAGE, TOO_LARGE, TOO_MANY_PIXELS, ImageError, decode_image
+from cnnlab.data.images import MAX_PIXELS, NOT_AN_IMAGE, TOO_LARGE, TOO_MANY_PIXELS, ImageError, image_input, open_image
 from cnnlab.errors import CnnlabError
 from cnnlab.tools.predict import Prediction, top_predictions
 from cnnlab.tools.serve.backends import Backend
@@ -47,6 +49,9 @@ from cnnlab.tools.serve.requestlog import RequestLog
 BAD_REQUEST, OVERLOADED = "bad_request", "overloaded"
 STATUS = {TOO_LARGE: 413, TOO_MANY_PIXELS: 413, NOT_AN_IMAGE: 415, BAD_REQUEST: 422, OVERLOADED: 503}
 RAW_TYPES = ("image/", "application/octet-stream")  # a body that is the image itself
+# Requests of at most this many pixels in all are decoded on the event loop (~0.25 ms at most): a hand-off to
+# a thread cost more than decoding a 28x28 image, and held the loop's lock as long. Larger ones go to a thread.
+INLINE_PIXELS = 128 * 128
 # The page fetches nothing but this server's API, so it works offline; the browser holds it to that.
 PAGE_POLICY = "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' blob: data:"
 
@@ -59,10 +64,13 @@ class Settings:
     max_pending: int = 256  # requests waiting for a batch before 503
     max_pixels: int = MAX_PIXELS  # per image, read from its header
     log: Path | None = None  # JSON-lines request log
+    workers: int = 1  # server processes (cnnlab/tools/serve/server.py)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_pending < 1 or self.max_pixels < 1:
             raise CnnlabError("--max-batch and --max-pending must be at least 1")
+        if not 1 <= self.workers <= 64:
+            raise CnnlabError(f"--workers must be between 1 and 64, got {self.workers}")
         if not 0 <= self.window_ms <= 1000:
             raise CnnlabError(f"--window-ms must be between 0 and 1000, got {self.window_ms}")
         if not 0 < self.max_body_mb <= 1024:
@@ -90,10 +98,15 @@ class Service:
         self.info = backend.info
         self.settings = settings
         self.metrics = Metrics(self.info.classes)
-        self.batcher = Batcher(self.run_batch, settings.max_batch, settings.window_ms / 1000, settings.max_pending)
-        self.metrics.pending.set_function(lambda: self.batcher.pending)
+        self.batcher = Batcher(self.run_batch, settings.max_batch, settings.window_ms / 1000, settings.max_pending,
+                               self.metrics.pending.set)  # fmt: skip
         self.log = RequestLog(settings.log) if settings.log else None
-        self.ready = False
+        self.warm = False  # this process
+
+    @property
+    def ready(self) -> bool:
+        """Warm in every worker process (each counts itself into the metrics once warm)."""
+        return self.warm and self.metrics.workers_ready() >= self.settings.workers
 
     def run_batch(self, images: torch.Tensor) -> torch.Tensor:
         """On the batcher's thread: images (N, C, H, W) uint8 -> (N, K) float32 probabilities."""
@@ -110,7 +123,8 @@ class Service:
         for n in dict.fromkeys((1, self.settings.max_batch)):
             images = torch.zeros(n, *self.info.in_shape, dtype=torch.uint8)
             await self.batcher.call(lambda images=images: logits(normalize(images)))
-        self.ready = True
+        self.metrics.ready.set(1)
+        self.warm = True
 
     async def predict(self, images: torch.Tensor, top_k: int) -> list[Prediction]:
         """images: (n, C, H, W) uint8 -> n predictions, top_k classes each, most likely first (as Predictor)."""
@@ -145,15 +159,34 @@ class Service:
         else:
             raise Rejected(NOT_AN_IMAGE, f"Content-Type '{media_type}' is not an image: send images as multipart "
                            "field 'file', or one image as the body with Content-Type image/*")  # fmt: skip
-        return await run_in_threadpool(self._decode, blobs)
+        images = self._open(blobs)
+        if sum(image.width * image.height for _, image in images) <= INLINE_PIXELS:
+            return self._decode(images)
+        return await run_in_threadpool(self._decode, images)
 
-    def _decode(self, blobs: list[bytes]) -> torch.Tensor:
+    def _open(self, blobs: list[bytes]) -> list[tuple[str, Image.Image]]:
+        """Each image's name in messages, and the image with its header read and its pixel count checked."""
+        names = ["upload"] if len(blobs) == 1 else [f"upload {i + 1}" for i in range(len(blobs))]
+        opened = []
         try:
-            names = ["upload"] if len(blobs) == 1 else [f"upload {i + 1}" for i in range(len(blobs))]
-            return torch.stack([decode_image(blob, self.info.in_shape, name, self.settings.max_pixels, self.info.framing)
-                                for blob, name in zip(blobs, names)])  # fmt: skip
+            for blob, name in zip(blobs, names):
+                opened.append((name, open_image(blob, name, self.settings.max_pixels)))
+        except ImageError as exc:
+            for _, image in opened:
+                image.close()
+            raise Rejected(exc.reason, str(exc)) from None
+        return opened
+
+    def _decode(self, images: list[tuple[str, Image.Image]]) -> torch.Tensor:
+        """Opened images -> (n, C, H, W) uint8 in the model's input shape, framed as in training; closes them."""
+        try:
+            return torch.stack([image_input(image, self.info.in_shape, name, self.info.framing)
+                                for name, image in images])  # fmt: skip
         except ImageError as exc:
             raise Rejected(exc.reason, str(exc)) from None
+        finally:
+            for _, image in images:
+                image.close()
 
     async def _limited(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         """`stream`, refused once it passes the byte limit: a missing or lying Content-Length changes nothing."""
@@ -220,11 +253,13 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _no_such_route)
 
     @app.post("/v1/predict", openapi_extra=_PREDICT_BODY)
-    async def predict(request: Request, top_k: int = Query(3, ge=1, description="classes per image")) -> dict:
+    async def predict(request: Request, top_k: int = Query(3, ge=1, description="classes per image")) -> JSONResponse:
         """Classify images: multipart field `file` (repeatable) or one raw image body; answers in request order."""
         predictions = await service.predict(await service.read_images(request), top_k)
         request.state.classes = [p.classes[0] for p in predictions]
-        return {"model": info.name, "predictions": [p.to_dict() for p in predictions]}
+        # A response rather than a dict: FastAPI would walk a dict through jsonable_encoder and validate it first,
+        # time that plain str and float values do not need.
+        return JSONResponse({"model": info.name, "predictions": [p.to_dict() for p in predictions]})
 
     @app.get("/v1/model")
     async def model() -> dict:

@@ -10,10 +10,11 @@ the SHA-256 of the artefact it runs (the ONNX bytes or the checkpoint file).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -34,15 +35,22 @@ class Backend(Protocol):
         """x: (N, C, H, W) float32 normalized -> (N, K) float32 logits. Called from one thread at a time."""
         ...
 
+    def opener(self, threads: int) -> Callable[[], Backend]:
+        """What loads this very artefact again, using `threads` CPU threads: picklable, for a server's
+        worker processes (the ONNX bytes themselves, not a path that may change meanwhile)."""
+        ...
+
 
 class OnnxBackend:
     kind = "onnx"
 
-    def __init__(self, data: bytes, origin: str) -> None:
+    def __init__(self, data: bytes, origin: str, threads: int = 0) -> None:
+        """threads: ONNX Runtime's intra-op threads (0: one per core)."""
         import onnxruntime
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
         options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
         # ONNX Runtime's threads spin for a while after each call by default: between batches
         # that takes a core from the event loop, which reads and decodes the next requests.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -60,6 +68,7 @@ class OnnxBackend:
         except ValueError:  # the JSON itself is broken
             raise CnnlabError(f"{origin} has unreadable cnnlab metadata: export it again (`cnnlab export`)") from None
         self.sha256 = hashlib.sha256(data).hexdigest()
+        self._data, self._origin = data, origin
         self._input = self.session.get_inputs()[0]
         self._output = self.session.get_outputs()[0].name
         if [d for d in self._input.shape[1:] if isinstance(d, int)] != list(self.info.in_shape):
@@ -68,6 +77,9 @@ class OnnxBackend:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run([self._output], {self._input.name: x.numpy()})[0])
 
+    def opener(self, threads: int) -> Callable[[], Backend]:
+        return functools.partial(OnnxBackend, self._data, self._origin, threads)
+
 
 class TorchBackend:
     kind = "torch"
@@ -75,12 +87,22 @@ class TorchBackend:
     def __init__(self, checkpoint: Checkpoint, info: ModelInfo, sha256: str) -> None:
         self.info = info
         self.sha256 = sha256
+        self.checkpoint = checkpoint
         self.model = checkpoint.build_model()  # eval mode, CPU
         self.forward = fast_forward(self.model)  # what Predictor runs (cnnlab/tools/predict.py)
 
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)
+
+    def opener(self, threads: int) -> Callable[[], Backend]:
+        return functools.partial(_torch_backend, self.checkpoint, self.info, self.sha256, threads)
+
+
+def _torch_backend(checkpoint: Checkpoint, info: ModelInfo, sha256: str, threads: int) -> TorchBackend:
+    """TorchBackend in a worker process that uses `threads` CPU threads."""
+    torch.set_num_threads(threads)
+    return TorchBackend(checkpoint, info, sha256)
 
 
 def load_backend(source: Path, kind: str = "onnx") -> Backend:

@@ -37,8 +37,11 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, run: RunBatch, max_batch: int, window: float, max_pending: int) -> None:
+    def __init__(self, run: RunBatch, max_batch: int, window: float, max_pending: int,
+                 on_pending: Callable[[int], object] = lambda n: None) -> None:  # fmt: skip
+        """on_pending(n): told the number of waiting requests whenever it changes (a metrics gauge)."""
         self.run = run
+        self.on_pending = on_pending
         self.max_batch = max_batch
         self.window = window
         self.max_pending = max_pending
@@ -70,6 +73,7 @@ class Batcher:
             raise Overloaded(f"{len(self._queue)} requests are already waiting: try again in a moment")
         job = _Job(images, asyncio.get_running_loop().create_future())
         self._queue.append(job)
+        self.on_pending(len(self._queue))
         self._arrived.set()
         return await job.future
 
@@ -115,6 +119,7 @@ class Batcher:
             if not job.future.done():  # a client that went away cancels its future
                 jobs.append(job)
                 size += len(job.images)
+        self.on_pending(len(self._queue))
         return jobs
 
     async def _run(self, jobs: list[_Job]) -> None:

@@ -1,5 +1,11 @@
 """The Prometheus metrics of one server, in a registry of its own (two apps in one process never mix).
 
+A server of several worker processes (`cnnlab serve --workers N`) keeps them in
+prometheus-client's multiprocess mode: each worker writes its values to files in
+the folder PROMETHEUS_MULTIPROC_DIR names, and whichever worker answers /metrics
+adds them up (counters and histograms summed, the pending requests summed over
+the live workers, the drift figures the most recent of any live worker's).
+
 Besides the usual traffic figures (requests by route and status, latency, batch
 sizes, rejected inputs by reason, predictions by class), two drift signals say
 whether the inputs still look like the training data: the mean and standard
@@ -14,13 +20,17 @@ averages until that many have been seen.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 DRIFT_WINDOW = 1000  # images
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client reads it when first imported
+FRESHEST = "livemostrecent"  # a moving average across workers: the freshest value of a live worker
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -35,18 +45,22 @@ class Metrics:
         self.latency = Histogram("cnnlab_request_latency_seconds", "Time to answer a request, by route", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.batch_size = Histogram("cnnlab_batch_size", "Images per model call", buckets=BATCH_BUCKETS, registry=r)
-        self.pending = Gauge("cnnlab_pending_requests", "Requests waiting for a batch", registry=r)
+        self.ready = Gauge("cnnlab_workers_ready", "Server processes with the model loaded and warmed up", registry=r,
+                           multiprocess_mode="livesum")  # fmt: skip
+        self.pending = Gauge("cnnlab_pending_requests", "Requests waiting for a batch", registry=r,
+                             multiprocess_mode="livesum")  # fmt: skip
         self.predictions = Counter("cnnlab_predictions", "Top-1 predictions by class", ["class"], registry=r)
         self.rejected = Counter("cnnlab_rejected", "Refused requests by reason", ["reason"], registry=r)
         self.input_mean = Gauge("cnnlab_input_mean", "Moving mean of the normalized input pixels (~0 on "
-                                "training-like images)", registry=r)  # fmt: skip
+                                "training-like images)", registry=r, multiprocess_mode=FRESHEST)  # fmt: skip
         self.input_std = Gauge("cnnlab_input_std", "Moving std of the normalized input pixels (~1 on "
-                               "training-like images)", registry=r)  # fmt: skip
+                               "training-like images)", registry=r, multiprocess_mode=FRESHEST)  # fmt: skip
         self.class_share = Gauge("cnnlab_class_share", "Moving share of each class among top-1 predictions",
-                                 ["class"], registry=r)  # fmt: skip
+                                 ["class"], registry=r, multiprocess_mode=FRESHEST)  # fmt: skip
         self.ood = Counter("cnnlab_out_of_distribution", "Inputs flagged as unlike the training data", registry=r)
         self.ood_share = Gauge("cnnlab_out_of_distribution_share", "Moving share of inputs flagged as unlike the "
-                               "training data (about the calibrated flag_rate of /v1/model on training-like images)", registry=r)  # fmt: skip
+                               "training data (about the calibrated flag_rate of /v1/model on training-like images)", registry=r,
+                               multiprocess_mode=FRESHEST)  # fmt: skip
         self.classes = list(classes)
         for name in self.classes:  # every class shows from the start, at 0
             self.predictions.labels(name)
@@ -90,6 +104,18 @@ class Metrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
 
+    def workers_ready(self) -> int:
+        """How many server processes are warm."""
+        return int(self._gathered().get_sample_value("cnnlab_workers_ready") or 0)
+
     def render(self) -> bytes:
         """The Prometheus text format."""
-        return generate_latest(self.registry)
+        return generate_latest(self._gathered())
+
+    def _gathered(self) -> CollectorRegistry:
+        """This process's metrics, or in multiprocess mode every worker's, added up from their files."""
+        if MULTIPROCESS_DIR not in os.environ:
+            return self.registry
+        workers = CollectorRegistry()
+        MultiProcessCollector(workers)
+        return workers

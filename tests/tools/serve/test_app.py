@@ -12,6 +12,7 @@ import torch
 
 from cnnlab.data.sources import load_splits
 from cnnlab.tools.predict import Predictor
+from cnnlab.tools.serve.app import INLINE_PIXELS
 from tests.data.test_preprocess import png, users_picture
 from tests.tools.serve.conftest import FakeBackend, metric, png_bytes, serving, wait_until
 
@@ -133,6 +134,7 @@ def test_more_waiting_requests_than_max_pending_is_503_at_once():
             client.post("/v1/predict", content=FAKE_PNG, headers={"Content-Type": "image/png"})))  # fmt: skip
         thread.start()
         wait_until(lambda: service.batcher.pending == 1)  # waiting out its 1 s window
+        assert metric(client.get("/metrics").text, "cnnlab_pending_requests") == 1
         second = client.post("/v1/predict", content=FAKE_PNG, headers={"Content-Type": "image/png"})
         thread.join(10)
         metrics = client.get("/metrics").text
@@ -189,6 +191,7 @@ def test_a_users_picture_is_framed_as_by_cnnlab_predict(trained_run, torch_backe
     for path, image in zip(pictures, digits):
         path.write_bytes(png(users_picture(image)))
     expected = Predictor.load(trained_run).predict_files(pictures, top_k=3)
+    assert 640 * 480 > INLINE_PIXELS  # decoded on a thread; the 28x28 digits of the tests above, on the event loop
     with serving(torch_backend) as client:
         response = client.post("/v1/predict?top_k=3", files=multipart(pictures))
     assert response.json()["predictions"] == [p.to_dict() for p in expected]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import torch
@@ -82,9 +88,6 @@ def test_accepted_connections_send_small_answers_at_once():
 def test_the_objects_of_start_up_are_frozen_before_serving(trained_run):
     """Full collections would otherwise walk every object of the loaded model and its libraries again
     and again: pauses of up to a second that every request in flight waits through."""
-    import subprocess
-    import sys
-
     script = (
         "import gc, sys\n"
         "from pathlib import Path\n"
@@ -100,3 +103,64 @@ def test_the_objects_of_start_up_are_frozen_before_serving(trained_run):
                             timeout=120, check=True)  # fmt: skip
     frozen, tracked = map(int, result.stdout.splitlines()[-1].split())
     assert frozen > 50_000 and tracked < frozen / 10
+
+
+def worker_pids(pid: int) -> set[int]:
+    """The child processes of `pid` that run a server (not multiprocessing's resource tracker)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if "resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                found.add(int(child))
+    return found
+
+
+def test_worker_processes_share_the_port_add_up_their_metrics_and_replace_a_dead_one(trained_run, digit_files):
+    """`cnnlab serve --workers 2`: both workers warm before /readyz says ready; every request counted once in
+    /metrics whichever worker answered it; a killed worker is replaced, its live figures retired; SIGTERM stops
+    them all, draining, with exit status 0."""
+    command = [sys.executable, "-m", "cnnlab", "serve", str(trained_run), "--port", "0", "--workers", "2"]
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        first_line = server.stderr.readline()
+        assert "2 worker processes" in first_line, first_line
+        url = re.search(r"on (http://127\.0\.0\.1:\d+)", first_line).group(1)
+        wait_until(lambda: _status(f"{url}/readyz") == 200, timeout=120)
+        assert metric(httpx.get(f"{url}/metrics").text, "cnnlab_workers_ready") == 2
+        workers = worker_pids(server.pid)
+        assert len(workers) == 2
+
+        image = digit_files[0].read_bytes()
+
+        def post(i: int) -> int:
+            files = {"file": (f"{i}.png", image, "image/png")}
+            return httpx.post(f"{url}/v1/predict", files=files, timeout=30).status_code
+
+        with ThreadPoolExecutor(16) as pool:
+            assert list(pool.map(post, range(48))) == [200] * 48
+        metrics = httpx.get(f"{url}/metrics").text
+        assert metric(metrics, "cnnlab_requests_total", route="/v1/predict", status="200") == 48
+        assert metric(metrics, "cnnlab_batch_size_sum") == 48
+
+        killed = min(workers)
+        os.kill(killed, signal.SIGKILL)
+        wait_until(lambda: len(worker_pids(server.pid) - {killed}) == 2, timeout=60)
+        wait_until(lambda: _status(f"{url}/readyz") == 200, timeout=120)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert metric(metrics, "cnnlab_workers_ready") == 2  # the dead worker's 1 retired, its counts kept
+        assert metric(metrics, "cnnlab_requests_total", route="/v1/predict", status="200") == 48
+
+        serving_now = worker_pids(server.pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+        assert not any(Path(f"/proc/{pid}").exists() for pid in serving_now)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
