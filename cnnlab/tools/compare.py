@@ -10,18 +10,19 @@ import torch
 
 from cnnlab.data.dataset import ImageDataset
 from cnnlab.tools.export import ModelInfo, onnx_bytes
-from cnnlab.tools.latency import onnx_latency, onnx_session, torch_latency
+from cnnlab.tools.latency import Timed, onnx_model, onnx_session, side_by_side, torch_model
 from cnnlab.train.checkpoint import load_checkpoint
 from cnnlab.train.evaluate import evaluate
 
 
-def figures(checkpoint_path: Path, test: ImageDataset) -> dict[str, Any]:
-    """One model's figures. File sizes are its ONNX file's, as shipped and gzipped (zeros compress)."""
+def figures(checkpoint_path: Path, test: ImageDataset) -> tuple[dict[str, Any], dict[str, Timed]]:
+    """One model's figures, and the model in PyTorch and in ONNX Runtime to time. File sizes are its ONNX
+    file's, as shipped and gzipped (zeros compress)."""
     checkpoint = load_checkpoint(checkpoint_path)
     model = checkpoint.build_model()  # (N, C, H, W) float32 -> (N, K), eval mode
     weights = [p for name, p in model.state_dict().items() if name.endswith("weight")]
     data = onnx_bytes(model, torch.zeros(2, *checkpoint.in_shape), ModelInfo.of(checkpoint, None))
-    return {
+    measured = {
         "checkpoint": str(checkpoint_path),
         "widths": checkpoint.model.get("widths"),
         "parameters": sum(p.numel() for p in model.state_dict().values()),
@@ -30,18 +31,22 @@ def figures(checkpoint_path: Path, test: ImageDataset) -> dict[str, Any]:
         "onnx_bytes": len(data),
         "onnx_gzip_bytes": len(gzip.compress(data)),
         "test_accuracy": evaluate(model, test, checkpoint.normalization).accuracy,
-        "torch_ms": torch_latency(model, checkpoint.in_shape),
-        "onnxruntime_ms": onnx_latency(onnx_session(data), checkpoint.in_shape),
     }
+    timed = {"torch_ms": torch_model(model, checkpoint.in_shape),
+             "onnxruntime_ms": onnx_model(onnx_session(data), checkpoint.in_shape)}  # fmt: skip
+    return measured, timed
 
 
 def compare(before: Path, after: Path, test: ImageDataset) -> dict[str, Any]:
-    """Both models' figures, taken one after the other in this process, and after's speed-up at each batch."""
-    first, second = figures(before, test), figures(after, test)
-    speedup = {
-        engine: {batch: first[engine][batch] / second[engine][batch] for batch in first[engine]}
-        for engine in ("torch_ms", "onnxruntime_ms")
-    }
+    """Both models' figures, their latencies taken side by side in this process, and after's speed-up at each batch."""
+    (first, first_timed), (second, second_timed) = figures(before, test), figures(after, test)
+    engines = ("torch_ms", "onnxruntime_ms")
+    times = side_by_side({f"{side} {engine}": timed[engine]
+                          for side, timed in (("before", first_timed), ("after", second_timed)) for engine in engines})  # fmt: skip
+    for engine in engines:
+        first[engine], second[engine] = times[f"before {engine}"], times[f"after {engine}"]
+    speedup = {engine: {batch: first[engine][batch] / second[engine][batch] for batch in first[engine]}
+               for engine in engines}  # fmt: skip
     return {"before": first, "after": second, "speedup": speedup, "threads": torch.get_num_threads()}
 
 

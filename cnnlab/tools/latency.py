@@ -1,8 +1,11 @@
 """Inference latency, side by side: PyTorch (cnnlab's fast forward) and ONNX Runtime, at batch 1 and 256.
 
-Figures are medians over repeated calls after a warm-up, in milliseconds per
-call. They are only comparable with figures taken in the same process, one
-after another, on the same machine: the ratios are what mean something.
+Figures are in milliseconds per call. The models compared are timed in
+interleaved rounds (each round times every model once), and a model's figure is
+its lowest round median: the round least disturbed by the rest of the machine.
+Timed one after the other instead, a burst of load on a shared host fell on one
+model and not the other, and ratios between them swung by a third from run to
+run. Figures are only comparable with others taken in the same call.
 """
 
 from __future__ import annotations
@@ -17,7 +20,25 @@ from torch import nn
 from cnnlab.fast.forward import fast_forward
 
 BATCHES = (1, 256)
-REPEATS = {1: 200, 256: 20}
+REPEATS = {1: 200, 256: 20}  # calls per round
+ROUNDS = 5
+
+# A model to time: batch size -> a call that runs it once on a batch of that size.
+Timed = Callable[[int], Callable[[], object]]
+
+
+def side_by_side(models: dict[str, Timed]) -> dict[str, dict[int, float]]:
+    """{name: {batch: ms}} for every batch in BATCHES, the models timed in interleaved rounds."""
+    figures: dict[str, dict[int, float]] = {name: {} for name in models}
+    for batch in BATCHES:
+        calls = {name: make(batch) for name, make in models.items()}
+        rounds: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(ROUNDS):
+            for name, call in calls.items():
+                rounds[name].append(median_ms(call, REPEATS[batch]))
+        for name in calls:
+            figures[name][batch] = min(rounds[name])
+    return figures
 
 
 def median_ms(call: Callable[[], object], repeats: int) -> float:
@@ -32,15 +53,20 @@ def median_ms(call: Callable[[], object], repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def torch_latency(model: nn.Module, in_shape: tuple[int, int, int]) -> dict[int, float]:
-    """{batch: ms} of the fast forward cnnlab predicts and evaluates with, on (batch, *in_shape) float32."""
+def torch_model(model: nn.Module, in_shape: tuple[int, int, int]) -> Timed:
+    """The fast forward cnnlab predicts and evaluates with, on (batch, *in_shape) float32."""
     forward = fast_forward(model.eval())
-    figures = {}
-    with torch.inference_mode():
-        for batch in BATCHES:
-            x = torch.randn(batch, *in_shape)
-            figures[batch] = median_ms(lambda x=x: forward(x), REPEATS[batch])
-    return figures
+
+    def at(batch: int) -> Callable[[], object]:
+        x = torch.randn(batch, *in_shape)
+
+        def call() -> object:
+            with torch.inference_mode():
+                return forward(x)
+
+        return call
+
+    return at
 
 
 def onnx_session(model_bytes: bytes):
@@ -52,11 +78,12 @@ def onnx_session(model_bytes: bytes):
     return onnxruntime.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def onnx_latency(session, in_shape: tuple[int, int, int]) -> dict[int, float]:
-    """{batch: ms} of `session` on (batch, *in_shape) float32 inputs."""
+def onnx_model(session, in_shape: tuple[int, int, int]) -> Timed:
+    """`session` on (batch, *in_shape) float32 inputs."""
     name = session.get_inputs()[0].name
-    figures = {}
-    for batch in BATCHES:
+
+    def at(batch: int) -> Callable[[], object]:
         x = torch.randn(batch, *in_shape).numpy()
-        figures[batch] = median_ms(lambda x=x: session.run(None, {name: x}), REPEATS[batch])
-    return figures
+        return lambda: session.run(None, {name: x})
+
+    return at

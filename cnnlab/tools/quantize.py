@@ -9,7 +9,7 @@ kernels (QLinearConv, QGemm) when it loads the model.
 
 The int8 model keeps the fp32 model's cnnlab metadata, so `cnnlab serve` takes
 it like any exported model. It is tested on the test split, and timed against
-the fp32 graph in ONNX Runtime in the same process, at batch 1 and 256.
+the fp32 graph in ONNX Runtime in the same process, side by side (cnnlab/tools/latency.py), at batch 1 and 256.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from cnnlab.atomicfile import atomic_write_bytes, atomic_write_text
 from cnnlab.data.sources import get_source
 from cnnlab.errors import CnnlabError
 from cnnlab.tools.export import ModelInfo, onnx_bytes
-from cnnlab.tools.latency import onnx_latency, onnx_session
+from cnnlab.tools.latency import onnx_model, onnx_session, side_by_side
 from cnnlab.tools.serve.backends import OnnxBackend
 from cnnlab.train.checkpoint import load_checkpoint, resolve_checkpoint_path
 
@@ -86,7 +86,8 @@ def quantize(
     fp32_session, int8_session = onnx_session(source.data), onnx_session(int8)
     fp32_logits, int8_logits = _logits(fp32_session, test, info), _logits(int8_session, test, info)
     labels = test.labels
-    fp32_ms, int8_ms = onnx_latency(fp32_session, info.in_shape), onnx_latency(int8_session, info.in_shape)
+    times = side_by_side({"fp32": onnx_model(fp32_session, info.in_shape), "int8": onnx_model(int8_session, info.in_shape)})
+    fp32_ms, int8_ms = times["fp32"], times["int8"]
     figures = {
         "model": str(source.out),
         "dataset": info.dataset,

@@ -16,6 +16,7 @@ from cnnlab.tools.serve.backends import OnnxBackend
 @pytest.fixture(autouse=True)
 def _few_timings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(latency, "REPEATS", {1: 2, 256: 2})
+    monkeypatch.setattr(latency, "ROUNDS", 2)
 
 
 def test_int8_logits_stay_close_to_fp32_and_the_model_serves(trained_run: Path, tmp_path: Path, capsys) -> None:
