@@ -1,7 +1,7 @@
 """Pruning, quantization and a tuning study of one trained run, through the cnnlab commands as a user runs them.
 
     (1) cnnlab prune RUN --method global-magnitude --amount 0.8
-    (2) cnnlab prune RUN --method channels --amount 0.5
+    (2) cnnlab prune RUN --method channels --amount 0.5 (or --widths W,...)
     (3) cnnlab quantize RUN
     (4) cnnlab tune (with --tune-trials N > 0): a study on both cores (--jobs 2)
 
@@ -9,7 +9,8 @@ Each prune and quantize command times the models it compares itself, one after t
 other in its own process: their speed-ups are ratios taken side by side. The tuning
 study reports its wall time and the share of trials its pruner stopped.
 
-    python bench/compress.py --run RUN [--steps 3] [--finetune-epochs 2] [--channels-amount 0.5]
+    python bench/compress.py --run RUN [--steps 3] [--finetune-epochs 2] [--lr 0.01] [--channels-amount 0.5]
+        [--channels-widths W,W,...]
         [--tune-trials 0] [--tune-epochs 3] [--tune-dataset D] [--tune-timeout S] [--work DIR] [--quick] [--out PATH]
 
 Without --run, a LeNet-5 is trained first (digits with --quick). Results go to
@@ -51,7 +52,9 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a trained run; default: train a LeNet-5 first")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=0.01, help="fine-tuning's peak learning rate")
     parser.add_argument("--channels-amount", type=float, default=0.5)
+    parser.add_argument("--channels-widths", help="the channel-pruned model's layer widths, instead of the amount")
     parser.add_argument("--tune-trials", type=int, default=0, help="trials of the tuning study; 0: no study")
     parser.add_argument("--tune-epochs", type=int, default=3, help="epochs per trial")
     parser.add_argument("--tune-dataset", help="the study's dataset; default --dataset's")
@@ -69,12 +72,12 @@ def main() -> None:
                          "--runs-dir", str(work), "--name", "base")  # fmt: skip
         run = Path(trained["run_dir"])
     figures: dict = {"run": str(run)}
-    figures["global_magnitude"] = cnnlab("prune", str(run), "--amount", "0.8", "--steps", str(steps),
-                                         "--finetune-epochs", str(epochs), "--out", str(work / "global"),
+    tuning = ["--steps", str(steps), "--finetune-epochs", str(epochs), "--lr", str(args.lr)]
+    figures["global_magnitude"] = cnnlab("prune", str(run), "--amount", "0.8", *tuning, "--out", str(work / "global"),
                                          figures=work / "global" / "prune.json")  # fmt: skip
-    figures["channels"] = cnnlab("prune", str(run), "--method", "channels", "--amount", str(args.channels_amount),
-                                 "--steps", str(steps), "--finetune-epochs", str(epochs), "--out", str(work / "channels"),
-                                 figures=work / "channels" / "prune.json")  # fmt: skip
+    narrowing = ["--widths", args.channels_widths] if args.channels_widths else ["--amount", str(args.channels_amount)]
+    figures["channels"] = cnnlab("prune", str(run), "--method", "channels", *narrowing, *tuning,
+                                 "--out", str(work / "channels"), figures=work / "channels" / "prune.json")  # fmt: skip
     figures["quantize"] = cnnlab("quantize", str(run), "--out", str(work / "model.int8.onnx"),
                                  figures=work / "model.int8.onnx.json")
     if args.tune_trials > 0:

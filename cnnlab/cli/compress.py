@@ -45,7 +45,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         "latency (PyTorch, ONNX Runtime; batch 1 and 256) before and after.",
     )
     prune.add_argument("run", type=Path, metavar="RUN", help="a run directory (its best checkpoint) or a .pt file")
-    prune.add_argument("--amount", type=float, required=True, help="share removed, in (0, 1): 0.8 removes 80%%")
+    prune.add_argument("--amount", type=float, help="share removed, in (0, 1): 0.8 removes 80%%")
+    prune.add_argument("--widths", type=_widths, metavar="W,W,...", help="with --method channels, instead of "
+                       "--amount: each layer's width at the end, e.g. 4,8,120,84 for lenet5 (6,16,120,84)")  # fmt: skip
     prune.add_argument("--method", default="global-magnitude",
                        help="global-magnitude (default: zero the smallest weights) or channels (a smaller model)")  # fmt: skip
     prune.add_argument("--steps", type=int, default=3, help="prune-then-fine-tune rounds; default 3")
@@ -99,13 +101,20 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of whole numbers") from None
+
+
 def _prune(args: argparse.Namespace) -> int:
     with needs_extra("prune", "export"):
         from cnnlab.tools.compare import table
         from cnnlab.tools.prune import PruneSettings, prune_run
         from cnnlab.train.progress import Progress
 
-        settings = PruneSettings(amount=args.amount, method=args.method, steps=args.steps,
+        settings = PruneSettings(amount=args.amount, method=args.method, widths=args.widths, steps=args.steps,
                                  finetune_epochs=args.finetune_epochs, lr=args.lr)  # fmt: skip
         progress = Progress(stream=sys.stderr if args.json else sys.stdout, bar=False)
         run, figures = prune_run(args.run, settings, args.out, args.overwrite, progress)

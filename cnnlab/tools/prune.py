@@ -10,7 +10,9 @@ training split.
   dense one with `amount` of those weights exactly zero. Sparse, not faster:
   dense kernels multiply the zeros too.
 - channels: the convolution channels and hidden units with the smallest L1 norm
-  are cut out, and a smaller dense model holds the rest. Its layer widths are
+  are cut out, and a smaller dense model holds the rest: `amount` of every
+  layer's, or down to the given `widths` layer by layer (the layers that cost
+  time need not be the ones that can spare channels). Its layer widths are
   recorded in the checkpoint (cnnlab.models.widths), so evaluate, predict,
   export and serve rebuild it like any model. Fewer channels are less work: it
   is faster, not only smaller.
@@ -47,8 +49,9 @@ METHODS = ("global-magnitude", "channels")
 
 @dataclass(frozen=True)
 class PruneSettings:
-    amount: float  # share of the weights (global-magnitude) or of the channels and units (channels) removed
+    amount: float | None  # share of the weights (global-magnitude) or of the channels and units (channels) removed
     method: str = "global-magnitude"
+    widths: tuple[int, ...] | None = None  # channels: each layer's width at the end, instead of `amount`
     steps: int = 3
     finetune_epochs: int = 2  # per step
     lr: float = 0.01  # fine-tuning's peak rate, annealed to 0 over each step's epochs (cosine)
@@ -56,7 +59,11 @@ class PruneSettings:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise CnnlabError(f"unknown pruning method '{self.method}': choose one of {', '.join(METHODS)}")
-        if not 0 < self.amount < 1:
+        if (self.amount is None) == (self.widths is None):
+            raise CnnlabError("give --amount (the share removed) or, with --method channels, --widths (what is left)")
+        if self.widths is not None and self.method != "channels":
+            raise CnnlabError("--widths narrows layers: use it with --method channels")
+        if self.amount is not None and not 0 < self.amount < 1:
             raise CnnlabError(f"--amount must be in (0, 1), the share removed (0.8 removes 80%), got {self.amount}")
         if self.steps < 1 or self.finetune_epochs < 0:
             raise CnnlabError(f"--steps must be >= 1 and --finetune-epochs >= 0, got {self.steps} and {self.finetune_epochs}")
@@ -97,10 +104,11 @@ def prune_run(
     checkpoint = load_checkpoint(path)
     config = resolve_config(checkpoint.config or {"model": checkpoint.model["name"], "dataset": checkpoint.dataset},
                             origin=str(path), recipe=False)  # fmt: skip
-    if settings.method == "channels":
-        layer_widths(checkpoint.build_model(), checkpoint.model["name"])  # refuses models that cannot be narrowed
+    if settings.method == "channels":  # refuses models that cannot be narrowed, and widths that do not fit
+        final_widths(settings, layer_widths(checkpoint.build_model(), checkpoint.model["name"]), config.model)
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    target = out or run_dir.with_name(f"{run_dir.name}-{settings.method}-{round(100 * settings.amount)}")
+    how_much = "-".join(map(str, settings.widths)) if settings.widths else round(100 * settings.amount)
+    target = out or run_dir.with_name(f"{run_dir.name}-{settings.method}-{how_much}")
     run = RunDirectory.create(target, overwrite=overwrite)
     splits = load_splits(config.dataset, Path(config.data_dir) if config.data_dir else None, config.val_fraction,
                          config.seed, strict=config.strict_data)  # fmt: skip
@@ -131,6 +139,7 @@ def prune_model(
     """Prune `model` in `settings.steps` steps, fine-tuning on `splits.train` after each."""
     rows: list[dict[str, float]] = []
     widths = None
+
     if settings.method == "global-magnitude":
         layers = [(layer, "weight") for layer in model if isinstance(layer, (nn.Conv2d, nn.Linear))]
         total = sum(layer.weight.numel() for layer, _ in layers)
@@ -146,15 +155,27 @@ def prune_model(
             prune.remove(layer, name)  # weight = weight_orig * mask, for good
     else:
         original = layer_widths(model, config.model)
+        final = final_widths(settings, original, config.model)
         for step in range(1, settings.steps + 1):
-            left = (1 - settings.amount) ** (step / settings.steps)
-            widths = [max(1, round(w * left)) for w in original]
+            # The same share of each layer's remaining width goes at every step.
+            widths = [max(1, round(o * (w / o) ** (step / settings.steps))) for w, o in zip(final, original)]
             model = narrowed(model, widths)
             progress.message(f"step {step}/{settings.steps}: layer widths {original} -> {widths}")
             rows += finetune(model, normalization, splits, config, settings, step, progress)
     for number, row in enumerate(rows, start=1):
         row["epoch"] = number
     return Pruned(model.eval(), widths, rows)
+
+
+def final_widths(settings: PruneSettings, original: list[int], model_name: str) -> list[float]:
+    """Each narrowed layer's width at the end (--widths, or `amount` less of each), checked against `original`."""
+    if settings.widths is None:
+        return [w * (1 - settings.amount) for w in original]
+    final = list(settings.widths)
+    if len(final) != len(original) or not all(1 <= w <= o for w, o in zip(final, original)):
+        raise CnnlabError(f"--widths {','.join(map(str, final))} do not fit {model_name}: give {len(original)} "
+                          f"widths, each from 1 to the layer's own ({','.join(map(str, original))})")  # fmt: skip
+    return final
 
 
 def narrowed(model: nn.Sequential, widths: list[int]) -> nn.Sequential:

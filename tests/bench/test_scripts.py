@@ -155,3 +155,12 @@ def test_precision_compares_cnnlab_and_plain_loops_in_fp32_and_bf16_per_model(tm
             assert row["images_per_s"] > 0 and row["speed_vs_cnnlab_fp32"] > 0
             assert 0 <= row["test_accuracy"] <= 1
     assert "lenet5_bn plain-cl bf16" in " ".join(stdout.split())
+
+
+def test_compress_prunes_both_ways_and_quantizes_one_run(tmp_path):
+    figures, stdout = run_quick("compress.py", tmp_path / "compress.json", "--channels-widths", "4,8,60,42",
+                                "--work", str(tmp_path / "work"))  # fmt: skip
+    assert figures["channels"]["after"]["widths"] == [4, 8, 60, 42]
+    assert figures["global_magnitude"]["after"]["weight_sparsity"] == pytest.approx(0.8, abs=1e-3)
+    assert set(figures["quantize"]["speedup"]) == {"1", "256"} and figures["quantize"]["int8_bytes"] > 0
+    assert "prune channels: test" in stdout and "quantize int8: test" in stdout

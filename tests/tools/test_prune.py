@@ -22,6 +22,7 @@ from cnnlab.train.checkpoint import load_checkpoint
 @pytest.fixture(autouse=True)
 def _few_timings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(latency, "REPEATS", {1: 2, 256: 2})
+    monkeypatch.setattr(latency, "ROUNDS", 2)
 
 
 def test_global_magnitude_pruning_zeroes_the_share_it_claims(trained_run: Path, tmp_path: Path) -> None:
@@ -65,6 +66,16 @@ def test_channel_pruning_makes_a_smaller_model_that_evaluate_predict_and_export_
         assert torch.equal(rebuilt(x), checkpoint.build_model()(x))
 
 
+def test_widths_narrow_each_layer_to_its_own_width_in_steps(trained_run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "narrow"
+    assert main(["prune", str(trained_run), "--method", "channels", "--widths", "3,8,120,21", "--steps", "2",
+                 "--finetune-epochs", "1", "--out", str(out)]) == 0  # fmt: skip
+    steps = [line for line in capsys.readouterr().out.splitlines() if "layer widths" in line]
+    # Each step keeps the same share of what each layer has left: 6 -> 4 -> 3, 84 -> 42 -> 21; 120 stays.
+    assert [line.split("-> ")[1] for line in steps] == ["[4, 11, 120, 42]", "[3, 8, 120, 21]"]
+    assert load_checkpoint(out / "checkpoints" / "best.pt").model["widths"] == [3, 8, 120, 21]
+
+
 def test_narrowing_removes_the_weakest_channels_and_the_inputs_that_read_them() -> None:
     torch.manual_seed(0)
     model = create_model("lenet5", (1, 28, 28), 10).eval()
@@ -93,6 +104,11 @@ def test_widths_that_do_not_fit_the_model_are_refused() -> None:
         (["--amount", "1.0"], "--amount must be in (0, 1)"),
         (["--amount", "0"], "--amount must be in (0, 1)"),
         (["--amount", "0.5", "--method", "random"], "unknown pruning method 'random'"),
+        (["--widths", "4,8,120,84"], "--widths narrows layers: use it with --method channels"),
+        (["--amount", "0.5", "--widths", "4,8,120,84", "--method", "channels"], "give --amount (the share removed) or"),
+        (["--method", "channels"], "give --amount (the share removed) or"),
+        (["--method", "channels", "--widths", "4,8,120"], "--widths 4,8,120 do not fit lenet5: give 4 widths"),
+        (["--method", "channels", "--widths", "7,8,120,84"], "each from 1 to the layer's own (6,16,120,84)"),
     ],
 )
 def test_bad_settings_are_one_line_and_exit_2(trained_run: Path, capsys, args, message) -> None:
