@@ -68,6 +68,8 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, trained_run, capsys):
     assert "not an ONNX model" in capsys.readouterr().err
     assert main(["serve", str(trained_run), "--backend", "torch", "--max-batch", "0"]) == 2
     assert "--max-batch" in capsys.readouterr().err
+    assert main(["serve", str(trained_run), "--workers", "0"]) == 2
+    assert "--workers must be between 1 and 64, got 0" in capsys.readouterr().err
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         assert main(["serve", str(trained_run), "--backend", "torch", "--port", str(port)]) == 2
