@@ -16,7 +16,8 @@ The data flows through one module per step:
   sizes, predictions, rejected inputs, and the drift of inputs and of the class mix);
   `requestlog.py` writes the JSON-lines request log.
 - `server.py` binds the socket and runs uvicorn, which drains in-flight requests
-  on SIGTERM before the batcher stops.
+  on SIGTERM before the batcher stops; with `--workers N`, N worker processes
+  each run the whole app on the one socket, and the metrics add them up.
 
 `page.html` is the page served at `/`.
 """
