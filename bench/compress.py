@@ -5,9 +5,10 @@
     (3) cnnlab quantize RUN
     (4) cnnlab tune (with --tune-trials N > 0): a study on both cores (--jobs 2)
 
-Each prune and quantize command times the models it compares itself, one after the
-other in its own process: their speed-ups are ratios taken side by side. The tuning
-study reports its wall time and the share of trials its pruner stopped.
+Each prune and quantize command times the models it compares itself, in interleaved
+rounds in its own process (cnnlab/tools/latency.py): their speed-ups are ratios taken
+side by side. The tuning study reports its wall time and the share of trials its pruner
+stopped.
 
     python bench/compress.py --run RUN [--steps 3] [--finetune-epochs 2] [--lr 0.01] [--channels-amount 0.5]
         [--channels-widths W,W,...]

@@ -3,9 +3,9 @@
 Figures are in milliseconds per call. The models compared are timed in
 interleaved rounds (each round times every model once), and a model's figure is
 its lowest round median: the round least disturbed by the rest of the machine.
-Timed one after the other instead, a burst of load on a shared host fell on one
-model and not the other, and ratios between them swung by a third from run to
-run. Figures are only comparable with others taken in the same call.
+Interleaved, a burst of load on a shared host falls on every model alike rather
+than on whichever was being timed. Figures are only comparable with others taken
+in the same call.
 """
 
 from __future__ import annotations
