@@ -51,6 +51,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 # The load generator runs this file in a process of its own and must stay light: torch,
@@ -255,29 +256,40 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def rss_mb(pid: int) -> float | None:
-    """Resident memory (VmRSS) of process `pid` and its children, summed, in MiB; None where /proc does not say."""
-    total = None
+def _summed(pid: int, read: Callable[[int], float | None]) -> float | None:
+    """read(p) summed over `pid` and its children (a process that is gone, or where /proc does not say,
+    counts nothing); None when no process said anything."""
+    values = []
     for each in process_tree(pid):
         try:
-            for line in Path(f"/proc/{each}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total = (total or 0) + int(line.split()[1]) / 1024
-        except OSError:
+            values.append(read(each))
+        except OSError:  # gone meanwhile
             pass
+    values = [v for v in values if v is not None]
+    return sum(values) if values else None
+
+
+def _rss_mb_of(pid: int) -> float | None:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def _cpu_seconds_of(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident memory (VmRSS) of process `pid` and its children, summed, in MiB."""
+    total = _summed(pid, _rss_mb_of)
     return None if total is None else round(total, 1)
 
 
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time so far of process `pid` and its children (utime and stime of /proc/PID/stat)."""
-    total = None
-    for each in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{each}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total = (total or 0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return _summed(pid, _cpu_seconds_of)
 
 
 class Server:

@@ -10,11 +10,13 @@ the SHA-256 of the artefact it runs (the ONNX bytes or the checkpoint file).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -87,7 +89,8 @@ class TorchBackend:
     def __init__(self, checkpoint: Checkpoint, info: ModelInfo, sha256: str) -> None:
         self.info = info
         self.sha256 = sha256
-        self.checkpoint = checkpoint
+        # What a worker process rebuilds the model from (opener): the weights, not the state to resume training.
+        self.checkpoint = dataclasses.replace(checkpoint, optimizer_state=None, training_state=None, rng=None)
         self.model = checkpoint.build_model()  # eval mode, CPU
         self.forward = fast_forward(self.model)  # what Predictor runs (cnnlab/tools/predict.py)
 
